@@ -1,0 +1,42 @@
+"""glu_fusion: fused Triton kernels for SwiGLU MLPs and gated RMSNorm, applied by torch.compile.
+
+Public API (see README.md):
+
+* ``swiglu(x, w_gate, w_up, bias_gate=None, bias_up=None)`` and
+  ``swiglu_packed(x, weight, bias=None, layout="concat")``: differentiable functional ops.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import Tensor
+
+from . import config, ops
+from .ops.swiglu import LAYOUTS
+
+__version__ = "0.1.0"
+
+__all__ = ["swiglu", "swiglu_packed", "config", "__version__"]
+
+
+def swiglu(x: Tensor, w_gate: Tensor, w_up: Tensor, bias_gate: Optional[Tensor] = None,
+           bias_up: Optional[Tensor] = None) -> Tensor:
+    """``silu(x @ w_gate.T + bias_gate) * (x @ w_up.T + bias_up)`` for ``x`` of shape ``[..., K]``
+    and weights ``[N, K]``; differentiable in every argument.  Saves the ``[M, 2N]``
+    pre-activations for backward unless ``config.recompute`` (``GLU_FUSION_RECOMPUTE=1``) is set."""
+    if (bias_gate is None) != (bias_up is None):
+        raise ValueError("glu_fusion.swiglu: give both bias_gate and bias_up, or neither")
+    return ops.swiglu.swiglu(x, w_gate, w_up, bias_gate, bias_up, not config.recompute)[0]
+
+
+def swiglu_packed(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
+                  layout: str = "concat") -> Tensor:
+    """SwiGLU with one packed ``[2N, K]`` weight (and optional ``[2N]`` bias), read in place.
+
+    ``layout="concat"``: gate rows first, then up rows (``y.chunk(2, -1)`` order);
+    ``"interleaved"``: gate rows at even indices (``y[..., ::2]``), up rows at odd ones.
+    ``"concat_up_first"`` and ``"interleaved_up_first"`` put the up half first.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"glu_fusion.swiglu_packed: layout must be one of {sorted(LAYOUTS)}, got {layout!r}")
+    return ops.swiglu.swiglu_packed(x, weight, bias, LAYOUTS[layout], not config.recompute)[0]

@@ -1,0 +1,40 @@
+"""Every setting of glu_fusion and the environment variable behind it, in one place.
+
+Settings are read from the environment when this module is imported and may be changed
+afterwards by assigning to the attributes (tests do).  Settings that change what the pass
+rewrites are part of the pass's cache key (see ``graph_pass.GluPass.uuid``).
+"""
+from __future__ import annotations
+
+import os
+
+__all__ = ["enabled_by_env", "rewrite_devices", "recompute", "settings_key"]
+
+
+def _env_flag(name: str, default: bool = False) -> bool:
+    value = os.environ.get(name)
+    if value is None or value.strip() == "":
+        return default
+    return value.strip().lower() not in ("0", "false", "no", "off")
+
+
+def _env_list(name: str, default: str) -> tuple[str, ...]:
+    raw = os.environ.get(name, default)
+    return tuple(sorted({part.strip().lower() for part in raw.split(",") if part.strip()}))
+
+
+#: ``GLU_FUSION=1``: a plain ``torch.compile`` uses the pass (read by ``_autoload``).
+enabled_by_env: bool = _env_flag("GLU_FUSION")
+
+#: ``GLU_FUSION_DEVICES`` (default ``cuda``): device types whose graphs the pass rewrites.
+#: ``cpu`` is useful for tests: the CPU op then runs the Triton interpreter or the reference.
+rewrite_devices: tuple[str, ...] = _env_list("GLU_FUSION_DEVICES", "cuda")
+
+#: ``GLU_FUSION_RECOMPUTE=1``: the SwiGLU op saves only its input for backward and recomputes
+#: the ``[M, 2N]`` pre-activations there (less memory, one more GEMM).  Default: save them.
+recompute: bool = _env_flag("GLU_FUSION_RECOMPUTE")
+
+
+def settings_key() -> str:
+    """The settings that change what the pass writes into a graph, as a stable string."""
+    return f"devices={','.join(rewrite_devices)};recompute={int(recompute)}"

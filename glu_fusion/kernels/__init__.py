@@ -1,0 +1,5 @@
+"""Triton kernels: plain functions of tensors (no torch.library, no autograd here)."""
+from .swiglu_bwd import swiglu_input_grad, swiglu_weight_grad
+from .swiglu_fwd import swiglu_forward
+
+__all__ = ["swiglu_forward", "swiglu_input_grad", "swiglu_weight_grad"]

@@ -1,0 +1,125 @@
+"""SwiGLU forward: both projections over one K loop, the gate applied in the epilogue.
+
+``out[m, n] = silu(g) * u`` with ``g = x[m]·Wg[n] + bg[n]`` and ``u = x[m]·Wu[n] + bu[n]``,
+accumulated in fp32, rounded to the input dtype (as eager rounds each linear), and gated in
+fp32.  The weights are read through their strides, so packed ``[2N, K]`` weights (concatenated
+or interleaved halves) are read in place.  Optionally writes the pre-activations ``[g | u]``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._launch import interpreting, m_bucket, precision
+
+
+@triton.jit
+def _swizzle(pid, num_m, num_n, GROUP_M: tl.constexpr):
+    """Grouped launch order: consecutive programs share weight tiles in L2."""
+    width = GROUP_M * num_n
+    group = pid // width
+    first_m = group * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def swiglu_fwd_kernel(
+    x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, out_ptr, pre_ptr,
+    M, N, K, M_BUCKET,
+    stride_xm, stride_xk, stride_wgn, stride_wgk, stride_wun, stride_wuk,
+    stride_bg, stride_bu, stride_om, stride_on, stride_pm, stride_pn,
+    HAS_BIAS: tl.constexpr, SAVE_PREACT: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid_m, pid_n = _swizzle(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    rows = offs_m.to(tl.int64)
+    cols = offs_n.to(tl.int64)
+
+    x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    wg_ptrs = wg_ptr + cols[None, :] * stride_wgn + offs_k[:, None] * stride_wgk
+    wu_ptrs = wu_ptr + cols[None, :] * stride_wun + offs_k[:, None] * stride_wuk
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        mask_k = offs_k < K - k0
+        a = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        w_mask = mask_k[:, None] & mask_n[None, :]
+        b_g = tl.load(wg_ptrs, mask=w_mask, other=0.0)
+        b_u = tl.load(wu_ptrs, mask=w_mask, other=0.0)
+        acc_g = tl.dot(a, b_g, acc_g, input_precision=PRECISION)
+        acc_u = tl.dot(a, b_u, acc_u, input_precision=PRECISION)
+        x_ptrs += BLOCK_K * stride_xk
+        wg_ptrs += BLOCK_K * stride_wgk
+        wu_ptrs += BLOCK_K * stride_wuk
+
+    if HAS_BIAS:
+        acc_g += tl.load(bg_ptr + cols * stride_bg, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        acc_u += tl.load(bu_ptr + cols * stride_bu, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    dtype = out_ptr.dtype.element_ty
+    g = acc_g.to(dtype)
+    u = acc_u.to(dtype)
+    gf = g.to(tl.float32)
+    out = gf * tl.sigmoid(gf) * u.to(tl.float32)
+
+    mask = mask_m[:, None] & mask_n[None, :]
+    tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on, out.to(dtype), mask=mask)
+    if SAVE_PREACT:
+        pre = pre_ptr + rows[:, None] * stride_pm + cols[None, :] * stride_pn
+        tl.store(pre, g, mask=mask)
+        tl.store(pre + N * stride_pn, u, mask=mask)
+
+
+def _configs():
+    shapes = [(128, 128, 64, 3, 8), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4),
+              (128, 128, 32, 4, 8), (16, 64, 128, 4, 4), (16, 128, 128, 3, 4)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+                          num_stages=s, num_warps=w) for bm, bn, bk, s, w in shapes]
+
+
+_tuned_fwd = triton.autotune(_configs(), key=["M_BUCKET", "N", "K"])(swiglu_fwd_kernel)
+_INTERPRETER_META = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 4}
+
+
+def swiglu_forward(x: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Optional[Tensor],
+                   b_up: Optional[Tensor], out: Tensor, preact: Optional[Tensor],
+                   allow_tf32: bool) -> None:
+    """Write ``silu(x·Wgᵀ+bg)·(x·Wuᵀ+bu)`` into ``out`` [M, N] and, if given, ``[g | u]`` into
+    ``preact`` [M, 2N].  ``x`` is [M, K]; weights [N, K] with any strides."""
+    m, k = x.shape
+    n = w_gate.shape[0]
+    if m == 0 or n == 0:
+        return
+    if k == 0:
+        out.zero_()
+        if preact is not None:
+            preact.zero_()
+        return
+    has_bias = b_gate is not None
+    bg = b_gate if has_bias else out
+    bu = b_up if has_bias else out
+    pre = preact if preact is not None else out
+    args = (x, w_gate, w_up, bg, bu, out, pre, m, n, k, m_bucket(m),
+            x.stride(0), x.stride(1), w_gate.stride(0), w_gate.stride(1),
+            w_up.stride(0), w_up.stride(1), bg.stride(0), bu.stride(0),
+            out.stride(0), out.stride(1), pre.stride(0), pre.stride(1))
+    flags = dict(HAS_BIAS=has_bias, SAVE_PREACT=preact is not None, PRECISION=precision(allow_tf32))
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+
+    if interpreting():
+        swiglu_fwd_kernel[grid](*args, **flags, **_INTERPRETER_META)
+    else:
+        _tuned_fwd[grid](*args, **flags)

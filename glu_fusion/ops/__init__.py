@@ -1,0 +1,5 @@
+"""torch.library custom ops (namespace ``glu_fusion``): schema, fake impl, autograd, autocast.
+
+Importing this package registers every op; it is idempotent and cheap.
+"""
+from . import swiglu  # noqa: F401  (registers glu_fusion::swiglu*)

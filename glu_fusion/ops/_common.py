@@ -1,0 +1,80 @@
+"""Helpers shared by the custom ops: device dispatch, argument checks, autocast."""
+from __future__ import annotations
+
+import os
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+SUPPORTED_DTYPES = KERNEL_DTYPES + (torch.float64,)
+
+
+def interpreter_active() -> bool:
+    """True when Triton runs kernels through its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def use_kernels(t: Tensor) -> bool:
+    """Whether the Triton kernels serve this tensor, or the plain-torch reference must.
+
+    CUDA tensors of fp32/fp16/bf16 run the kernels; CPU tensors run them only through the
+    Triton interpreter; float64 (used by gradcheck) always takes the reference.
+    """
+    if t.dtype not in KERNEL_DTYPES:
+        return False
+    if t.is_cuda:
+        return True
+    return t.device.type == "cpu" and interpreter_active()
+
+
+def allow_tf32() -> bool:
+    """fp32 dots may use tf32 only when the user allows it for ordinary matmuls too."""
+    return torch.get_float32_matmul_precision() != "highest"
+
+
+def check_same(name_ref: str, ref: Tensor, named: Sequence[tuple[str, Optional[Tensor]]]) -> None:
+    """Raise a clear error when a tensor's dtype or device differs from the reference tensor's."""
+    if ref.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"glu_fusion: {name_ref} has dtype {ref.dtype}; "
+                        "supported: float32, float16, bfloat16 (float64 on the reference path)")
+    for name, t in named:
+        if t is None:
+            continue
+        if t.device != ref.device:
+            raise ValueError(f"glu_fusion: {name} is on {t.device} but {name_ref} is on {ref.device}")
+        if t.dtype != ref.dtype:
+            raise TypeError(f"glu_fusion: {name} has dtype {t.dtype} but {name_ref} has {ref.dtype}")
+
+
+def empty_like_nothing(like: Tensor) -> Tensor:
+    """The placeholder an op returns for an output it was told not to compute."""
+    return like.new_empty((0,))
+
+
+def register_autocast_follow(op_name: str, device_types: Sequence[str] = ("cuda", "cpu")) -> None:
+    """Cast floating inputs to the active autocast dtype, as autocast does for ``F.linear``.
+
+    ``torch.library.register_autocast`` fixes one dtype at registration; this follows whatever
+    dtype the surrounding ``torch.autocast`` region asks for.
+    """
+    lib = torch.library.Library("glu_fusion", "IMPL")
+    _LIBS.append(lib)
+    for device_type in device_types:
+        key = "AutocastCUDA" if device_type == "cuda" else "AutocastCPU"
+        lib.impl(op_name, _autocast_kernel(op_name, device_type), key)
+
+
+_LIBS: list = []
+
+
+def _autocast_kernel(op_name: str, device_type: str) -> Callable:
+    def kernel(*args):
+        dtype = torch.get_autocast_dtype(device_type)
+        cast = [a.to(dtype) if isinstance(a, Tensor) and a.is_floating_point() else a for a in args]
+        op = getattr(torch.ops.glu_fusion, op_name).default
+        with torch.autocast(device_type, enabled=False):
+            return op(*cast)
+
+    return kernel

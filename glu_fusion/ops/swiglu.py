@@ -1,0 +1,284 @@
+"""The SwiGLU custom ops: ``out = silu(x·Wgᵀ + bg) * (x·Wuᵀ + bu)``.
+
+Ops (namespace ``glu_fusion``), all functional:
+
+* ``swiglu(x, w_gate, w_up, b_gate, b_up, save_preact) -> (out, preact)``
+* ``swiglu_packed(x, weight, bias, layout, save_preact) -> (out, preact)``: one ``[2N, K]``
+  weight read in place through the views ``LAYOUTS`` describes; its gradient comes back packed.
+* ``swiglu_dx(dout, preact, w_gate, w_up) -> dx``: the input gradient.
+* ``swiglu_dw(dout, preact, x, want_bias) -> (dw_gate, dw_up, db_gate, db_up)``
+* ``swiglu_packed_dw(dout, preact, x, layout, want_bias) -> (dweight, dbias)``
+
+``preact`` is ``[M, 2N]`` = ``[g | u]`` (each rounded to x's dtype, as eager rounds the two
+linear outputs), or an empty tensor when ``save_preact`` is false: backward then recomputes it
+with one more forward launch.  Outputs an op was told not to compute are empty tensors.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import reference
+from . import _common
+from ._common import check_same, empty_like_nothing, use_kernels
+
+# Packed-weight layouts: where the gate rows and the up rows sit in a [2N, K] weight.
+CONCAT_GATE_FIRST = 0      # [Wg; Wu]: out.chunk(2, -1) gives (gate, up)
+CONCAT_UP_FIRST = 1        # [Wu; Wg]
+INTERLEAVED_GATE_EVEN = 2  # gate rows at 0, 2, 4, ...: out[..., ::2] is the gate
+INTERLEAVED_UP_EVEN = 3    # up rows at even indices
+LAYOUTS = {"concat": CONCAT_GATE_FIRST, "concat_up_first": CONCAT_UP_FIRST,
+           "interleaved": INTERLEAVED_GATE_EVEN, "interleaved_up_first": INTERLEAVED_UP_EVEN}
+
+
+def packed_views(t: Tensor, layout: int) -> tuple[Tensor, Tensor]:
+    """(gate, up) views along dim 0 of a packed weight ``[2N, K]`` or bias ``[2N]``; no copy."""
+    n2 = t.shape[0]
+    if n2 % 2:
+        raise ValueError(f"glu_fusion: packed weight/bias needs an even first dimension, got {n2}")
+    n = n2 // 2
+    if layout == CONCAT_GATE_FIRST:
+        return t[:n], t[n:]
+    if layout == CONCAT_UP_FIRST:
+        return t[n:], t[:n]
+    if layout == INTERLEAVED_GATE_EVEN:
+        return t[0::2], t[1::2]
+    if layout == INTERLEAVED_UP_EVEN:
+        return t[1::2], t[0::2]
+    raise ValueError(f"glu_fusion: unknown packed layout {layout}; expected one of {sorted(LAYOUTS.values())}")
+
+
+def _check_forward(x: Tensor, w_gate: Tensor, w_up: Tensor,
+                   b_gate: Optional[Tensor], b_up: Optional[Tensor]) -> None:
+    if x.dim() < 1:
+        raise ValueError("glu_fusion: x must have at least one dimension [..., K]")
+    if w_gate.dim() != 2 or w_up.dim() != 2:
+        raise ValueError(f"glu_fusion: w_gate and w_up must be 2-D [N, K], got {tuple(w_gate.shape)} "
+                         f"and {tuple(w_up.shape)}")
+    if w_gate.shape != w_up.shape:
+        raise ValueError(f"glu_fusion: w_gate {tuple(w_gate.shape)} and w_up {tuple(w_up.shape)} differ")
+    if x.shape[-1] != w_gate.shape[1]:
+        raise ValueError(f"glu_fusion: x has K={x.shape[-1]} features but the weights expect "
+                         f"K={w_gate.shape[1]}")
+    for name, b in (("b_gate", b_gate), ("b_up", b_up)):
+        if b is not None and tuple(b.shape) != (w_gate.shape[0],):
+            raise ValueError(f"glu_fusion: {name} must have shape ({w_gate.shape[0]},), got {tuple(b.shape)}")
+    check_same("x", x, [("w_gate", w_gate), ("w_up", w_up), ("b_gate", b_gate), ("b_up", b_up)])
+
+
+def _forward(x: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Optional[Tensor],
+             b_up: Optional[Tensor], save_preact: bool) -> tuple[Tensor, Tensor]:
+    _check_forward(x, w_gate, w_up, b_gate, b_up)
+    n, k = w_gate.shape
+    lead = x.shape[:-1]
+    x2d = x.reshape(-1, k)
+    m = x2d.shape[0]
+    if use_kernels(x):
+        from ..kernels import swiglu_forward
+        out = torch.empty((m, n), device=x.device, dtype=x.dtype)
+        preact = torch.empty((m, 2 * n), device=x.device, dtype=x.dtype) if save_preact else None
+        swiglu_forward(x2d, w_gate, w_up, b_gate, b_up, out, preact, _common.allow_tf32())
+    else:
+        g, u = reference.swiglu_preact(x2d, w_gate, w_up, b_gate, b_up)
+        out = reference.swiglu_gate(g, u)
+        preact = torch.cat([g, u], dim=1) if save_preact else None
+    if preact is None:
+        preact = empty_like_nothing(x)
+    return out.reshape(*lead, n), preact
+
+
+def _fake_forward(x: Tensor, n: int, save_preact: bool) -> tuple[Tensor, Tensor]:
+    out = x.new_empty((*x.shape[:-1], n))
+    if save_preact:
+        m = 1
+        for d in x.shape[:-1]:
+            m = m * d
+        return out, x.new_empty((m, 2 * n))
+    return out, x.new_empty((0,))
+
+
+# --- forward ops --------------------------------------------------------------------------------
+
+@torch.library.custom_op("glu_fusion::swiglu", mutates_args=())
+def swiglu(x: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Optional[Tensor],
+           b_up: Optional[Tensor], save_preact: bool) -> tuple[Tensor, Tensor]:
+    return _forward(x, w_gate, w_up, b_gate, b_up, save_preact)
+
+
+@swiglu.register_fake
+def _(x, w_gate, w_up, b_gate, b_up, save_preact):
+    _check_forward(x, w_gate, w_up, b_gate, b_up)
+    return _fake_forward(x, w_gate.shape[0], save_preact)
+
+
+@torch.library.custom_op("glu_fusion::swiglu_packed", mutates_args=())
+def swiglu_packed(x: Tensor, weight: Tensor, bias: Optional[Tensor], layout: int,
+                  save_preact: bool) -> tuple[Tensor, Tensor]:
+    w_gate, w_up = packed_views(weight, layout)
+    b_gate, b_up = packed_views(bias, layout) if bias is not None else (None, None)
+    return _forward(x, w_gate, w_up, b_gate, b_up, save_preact)
+
+
+@swiglu_packed.register_fake
+def _(x, weight, bias, layout, save_preact):
+    w_gate, w_up = packed_views(weight, layout)
+    b_gate, b_up = packed_views(bias, layout) if bias is not None else (None, None)
+    _check_forward(x, w_gate, w_up, b_gate, b_up)
+    return _fake_forward(x, w_gate.shape[0], save_preact)
+
+
+# --- backward ops -------------------------------------------------------------------------------
+
+def _preact_halves(preact: Tensor) -> tuple[Tensor, Tensor]:
+    n = preact.shape[1] // 2
+    return preact[:, :n], preact[:, n:]
+
+
+@torch.library.custom_op("glu_fusion::swiglu_dx", mutates_args=())
+def swiglu_dx(dout: Tensor, preact: Tensor, w_gate: Tensor, w_up: Tensor) -> Tensor:
+    n, k = w_gate.shape
+    dout2d = dout.reshape(-1, n)
+    g, u = _preact_halves(preact)
+    if use_kernels(dout):
+        from ..kernels import swiglu_input_grad
+        dx = torch.empty((dout2d.shape[0], k), device=dout.device, dtype=dout.dtype)
+        swiglu_input_grad(dout2d, g, u, w_gate, w_up, dx, _common.allow_tf32())
+    else:
+        d_g, d_u = reference.swiglu_grad_preact(dout2d, g, u)
+        dx = d_g @ w_gate + d_u @ w_up
+    return dx.reshape(*dout.shape[:-1], k)
+
+
+@swiglu_dx.register_fake
+def _(dout, preact, w_gate, w_up):
+    return dout.new_empty((*dout.shape[:-1], w_gate.shape[1]))
+
+
+def _weight_grad_into(dout: Tensor, preact: Tensor, x: Tensor, dw_gate: Tensor, dw_up: Tensor,
+                      db_gate: Optional[Tensor], db_up: Optional[Tensor]) -> None:
+    """Write dWg, dWu (and the bias grads) into the given, possibly strided, outputs."""
+    n, k = dw_gate.shape
+    dout2d, x2d = dout.reshape(-1, n), x.reshape(-1, k)
+    g, u = _preact_halves(preact)
+    if use_kernels(dout):
+        from ..kernels import swiglu_weight_grad
+        swiglu_weight_grad(dout2d, g, u, x2d, dw_gate, dw_up, db_gate, db_up, _common.allow_tf32(),
+                           torch.are_deterministic_algorithms_enabled())
+        return
+    d_g, d_u = reference.swiglu_grad_preact(dout2d, g, u)
+    dw_gate.copy_(d_g.t() @ x2d)
+    dw_up.copy_(d_u.t() @ x2d)
+    if db_gate is not None:
+        db_gate.copy_(reference.upcast(d_g).sum(0))
+        db_up.copy_(reference.upcast(d_u).sum(0))
+
+
+@torch.library.custom_op("glu_fusion::swiglu_dw", mutates_args=())
+def swiglu_dw(dout: Tensor, preact: Tensor, x: Tensor,
+              want_bias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    n, k = dout.shape[-1], x.shape[-1]
+    dw_gate = x.new_empty((n, k))
+    dw_up = x.new_empty((n, k))
+    db_gate = x.new_empty((n,)) if want_bias else None
+    db_up = x.new_empty((n,)) if want_bias else None
+    _weight_grad_into(dout, preact, x, dw_gate, dw_up, db_gate, db_up)
+    if not want_bias:
+        db_gate, db_up = empty_like_nothing(x), empty_like_nothing(x)
+    return dw_gate, dw_up, db_gate, db_up
+
+
+@swiglu_dw.register_fake
+def _(dout, preact, x, want_bias):
+    n, k = dout.shape[-1], x.shape[-1]
+    nb = n if want_bias else 0
+    return x.new_empty((n, k)), x.new_empty((n, k)), x.new_empty((nb,)), x.new_empty((nb,))
+
+
+@torch.library.custom_op("glu_fusion::swiglu_packed_dw", mutates_args=())
+def swiglu_packed_dw(dout: Tensor, preact: Tensor, x: Tensor, layout: int,
+                     want_bias: bool) -> tuple[Tensor, Tensor]:
+    n, k = dout.shape[-1], x.shape[-1]
+    dweight = x.new_empty((2 * n, k))
+    dbias = x.new_empty((2 * n,)) if want_bias else None
+    dw_gate, dw_up = packed_views(dweight, layout)
+    db_gate, db_up = packed_views(dbias, layout) if want_bias else (None, None)
+    _weight_grad_into(dout, preact, x, dw_gate, dw_up, db_gate, db_up)
+    return dweight, (dbias if want_bias else empty_like_nothing(x))
+
+
+@swiglu_packed_dw.register_fake
+def _(dout, preact, x, layout, want_bias):
+    n, k = dout.shape[-1], x.shape[-1]
+    return x.new_empty((2 * n, k)), x.new_empty((2 * n if want_bias else 0,))
+
+
+# --- autograd -----------------------------------------------------------------------------------
+
+def _setup(ctx, x, weights, biases, save_preact, output, layout=None):
+    out, preact = output
+    ctx.mark_non_differentiable(preact)
+    ctx.has_bias = biases[0] is not None
+    ctx.layout = layout
+    ctx.save_for_backward(x, *weights, *biases, preact if save_preact else None)
+
+
+def _saved_preact(ctx, forward):
+    *_, preact = ctx.saved_tensors
+    return preact if preact is not None else forward()
+
+
+def _swiglu_setup(ctx, inputs, output):
+    x, w_gate, w_up, b_gate, b_up, save_preact = inputs
+    _setup(ctx, x, (w_gate, w_up), (b_gate, b_up), save_preact, output)
+
+
+def _swiglu_backward(ctx, dout, _dpreact):
+    x, w_gate, w_up, b_gate, b_up, preact = ctx.saved_tensors
+    need_x, need_wg, need_wu, need_bg, need_bu = ctx.needs_input_grad[:5]
+    if not any((need_x, need_wg, need_wu, need_bg, need_bu)):
+        return None, None, None, None, None, None
+    if preact is None:
+        preact = torch.ops.glu_fusion.swiglu(x, w_gate, w_up, b_gate, b_up, True)[1]
+    dx = torch.ops.glu_fusion.swiglu_dx(dout, preact, w_gate, w_up) if need_x else None
+    dwg = dwu = dbg = dbu = None
+    if need_wg or need_wu or need_bg or need_bu:
+        want_bias = ctx.has_bias and (need_bg or need_bu)
+        dwg, dwu, dbg, dbu = torch.ops.glu_fusion.swiglu_dw(dout, preact, x, want_bias)
+        if not want_bias:
+            dbg = dbu = None
+    return dx, dwg, dwu, dbg, dbu, None
+
+
+swiglu.register_autograd(_swiglu_backward, setup_context=_swiglu_setup)
+
+
+def _swiglu_packed_setup(ctx, inputs, output):
+    x, weight, bias, layout, save_preact = inputs
+    _setup(ctx, x, (weight,), (bias,), save_preact, output, layout)
+
+
+def _swiglu_packed_backward(ctx, dout, _dpreact):
+    x, weight, bias, preact = ctx.saved_tensors
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    if not any((need_x, need_w, need_b)):
+        return None, None, None, None, None
+    if preact is None:
+        preact = torch.ops.glu_fusion.swiglu_packed(x, weight, bias, ctx.layout, True)[1]
+    dx = dweight = dbias = None
+    if need_x:
+        w_gate, w_up = packed_views(weight, ctx.layout)
+        dx = torch.ops.glu_fusion.swiglu_dx(dout, preact, w_gate, w_up)
+    if need_w or need_b:
+        want_bias = ctx.has_bias and need_b
+        dweight, dbias = torch.ops.glu_fusion.swiglu_packed_dw(dout, preact, x, ctx.layout, want_bias)
+        if not want_bias:
+            dbias = None
+    return dx, dweight, dbias, None, None
+
+
+swiglu_packed.register_autograd(_swiglu_packed_backward, setup_context=_swiglu_packed_setup)
+
+for _name in ("swiglu", "swiglu_packed", "swiglu_dx", "swiglu_dw", "swiglu_packed_dw"):
+    _common.register_autocast_follow(_name)
