@@ -1,0 +1,155 @@
+"""The three SwiGLU Triton kernels through Triton's CPU interpreter, against float64.
+
+The interpreter is switched on for these tests only (``TRITON_INTERPRET=1`` while they run);
+the kernels module is imported under it, so its ``@triton.jit`` functions are interpretable.
+fp32 and fp16 only: the interpreter's bf16 ``tl.dot`` is wrong; bf16 is tested on the GPU.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from swiglu_cases import ALL_LAYOUTS, TOLERANCE, check_against_float64, make_problem, rel_error
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(),
+                                reason="CUDA present: tests/test_gpu_swiglu.py runs these kernels compiled")
+
+
+@pytest.fixture(autouse=True)
+def interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    torch.manual_seed(1234)
+    yield
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("layout", ALL_LAYOUTS)
+@pytest.mark.parametrize("bias", [False, True])
+def test_layouts_forward_and_grads(layout, dtype, bias):
+    problem = make_problem(layout, (33,), 48, 40, dtype, bias)
+    check_against_float64(problem, TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("lead,k,n", [((1,), 48, 24), ((7,), 100, 40), ((2, 5), 100, 24), ((33,), 17, 3)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_ragged_sizes(lead, k, n, dtype):
+    check_against_float64(make_problem("separate", lead, k, n, dtype, bias=True), TOLERANCE[dtype])
+
+
+def _kernel_inputs(m, k, n, dtype):
+    x = torch.randn(m, k, dtype=dtype)
+    wg = (torch.randn(n, k) * k ** -0.5).to(dtype)
+    wu = (torch.randn(n, k) * k ** -0.5).to(dtype)
+    bg, bu = torch.randn(n).to(dtype), torch.randn(n).to(dtype)
+    return x, wg, wu, bg, bu
+
+
+def test_kernels_write_every_output_element():
+    """Outputs are poisoned with NaN before each kernel: every element must be overwritten."""
+    from glu_fusion.kernels import swiglu_forward, swiglu_input_grad, swiglu_weight_grad
+
+    m, k, n = 37, 50, 29
+    x, wg, wu, bg, bu = _kernel_inputs(m, k, n, torch.float32)
+    out = torch.full((m, n), float("nan"))
+    pre = torch.full((m, 2 * n), float("nan"))
+    swiglu_forward(x, wg, wu, bg, bu, out, pre, allow_tf32=False)
+    g64 = x.double() @ wg.double().T + bg.double()
+    u64 = x.double() @ wu.double().T + bu.double()
+    assert rel_error(pre[:, :n], g64) < 1e-5 and rel_error(pre[:, n:], u64) < 1e-5
+    assert rel_error(out, torch.nn.functional.silu(g64) * u64) < 1e-5
+
+    dout = torch.randn(m, n)
+    g, u = pre[:, :n], pre[:, n:]
+    dx = torch.full((m, k), float("nan"))
+    swiglu_input_grad(dout, g, u, wg, wu, dx, allow_tf32=False)
+    sig = torch.sigmoid(g.double())
+    d_g = dout.double() * u.double() * sig * (1 + g.double() * (1 - sig))
+    d_u = dout.double() * g.double() * sig
+    assert rel_error(dx, d_g @ wg.double() + d_u @ wu.double()) < 1e-5
+
+    dwg, dwu = torch.full((n, k), float("nan")), torch.full((n, k), float("nan"))
+    dbg, dbu = torch.full((n,), float("nan")), torch.full((n,), float("nan"))
+    swiglu_weight_grad(dout, g, u, x, dwg, dwu, dbg, dbu, allow_tf32=False, deterministic=False)
+    assert rel_error(dwg, d_g.T @ x.double()) < 1e-5 and rel_error(dwu, d_u.T @ x.double()) < 1e-5
+    assert rel_error(dbg, d_g.sum(0)) < 1e-5 and rel_error(dbu, d_u.sum(0)) < 1e-5
+
+
+def test_weight_grad_writes_strided_packed_views():
+    """dW lands directly in the interleaved halves of a packed gradient, untouched rows stay."""
+    from glu_fusion.kernels import swiglu_weight_grad
+
+    m, k, n = 40, 32, 16
+    x, *_ = _kernel_inputs(m, k, n, torch.float32)
+    g, u, dout = torch.randn(m, n), torch.randn(m, n), torch.randn(m, n)
+    packed = torch.full((2 * n, k), float("nan"))
+    swiglu_weight_grad(dout, g, u, x, packed[0::2], packed[1::2], None, None, False, False)
+    sig = torch.sigmoid(g.double())
+    d_g = dout.double() * u.double() * sig * (1 + g.double() * (1 - sig))
+    d_u = dout.double() * g.double() * sig
+    assert rel_error(packed[0::2], d_g.T @ x.double()) < 1e-5
+    assert rel_error(packed[1::2], d_u.T @ x.double()) < 1e-5
+
+
+def test_weight_grad_is_deterministic():
+    from glu_fusion.kernels import swiglu_weight_grad
+
+    m, k, n = 70, 32, 16
+    x, *_ = _kernel_inputs(m, k, n, torch.float32)
+    g, u, dout = torch.randn(m, n), torch.randn(m, n), torch.randn(m, n)
+    results = []
+    for _ in range(2):
+        dwg, dwu = torch.empty(n, k), torch.empty(n, k)
+        swiglu_weight_grad(dout, g, u, x, dwg, dwu, None, None, False, True)
+        results.append((dwg, dwu))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+def test_strided_input_and_grad():
+    """A transposed (non-contiguous) input and a non-contiguous upstream gradient."""
+    x_t = torch.randn(48, 9).t().requires_grad_()       # [9, 48], strides (1, 9)
+    problem = make_problem("separate", (9,), 48, 24, torch.float32, bias=False)
+    problem.x = x_t
+    out = problem.run()
+    dout = torch.randn(24, 9).t()                        # non-contiguous
+    grads = torch.autograd.grad(out, problem.leaves, dout)
+    leaves64 = [t.detach().double().requires_grad_() for t in problem.leaves]
+    out64 = problem.oracle(leaves64)
+    grads64 = torch.autograd.grad(out64, leaves64, dout.double())
+    assert rel_error(out, out64) < 1e-5
+    for got, want in zip(grads, grads64):
+        assert rel_error(got, want) < 1e-5
+
+
+def test_recompute_matches_saved(monkeypatch):
+    from glu_fusion import config
+
+    problem = make_problem("concat", (2, 7), 40, 24, torch.float32, bias=True)
+    monkeypatch.setattr(config, "recompute", True)
+    check_against_float64(problem, TOLERANCE[torch.float32])
+
+
+@pytest.mark.parametrize("frozen", ["x", "weights"])
+def test_only_needed_grads(frozen):
+    problem = make_problem("separate", (11,), 32, 16, torch.float32, bias=True)
+    if frozen == "x":
+        problem.x.requires_grad_(False)
+        wanted = problem.weights + problem.biases
+    else:
+        for t in problem.weights + problem.biases:
+            t.requires_grad_(False)
+        wanted = [problem.x]
+    out = problem.run()
+    grads = torch.autograd.grad(out.sum(), wanted)
+    assert all(gr is not None and torch.isfinite(gr).all() for gr in grads)
+
+
+def test_empty_and_single_row():
+    for lead in [(0,), (1,), (3, 0)]:
+        problem = make_problem("interleaved", lead, 32, 16, torch.float32, bias=True)
+        out = problem.run()
+        assert out.shape == (*lead, 16)
+        grads = torch.autograd.grad(out.sum(), problem.leaves)
+        if out.numel() == 0:
+            assert all(torch.count_nonzero(gr) == 0 for gr in grads[1:])
+        else:
+            check_against_float64(problem, 1e-5)
