@@ -40,3 +40,31 @@ def swiglu_packed(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
     if layout not in LAYOUTS:
         raise ValueError(f"glu_fusion.swiglu_packed: layout must be one of {sorted(LAYOUTS)}, got {layout!r}")
     return ops.swiglu.swiglu_packed(x, weight, bias, LAYOUTS[layout], not config.recompute)[0]
+
+
+# --- turning the pass on, and what it did ---------------------------------------------------------
+
+from .backend import backend  # noqa: E402
+from .report import REPORT as _REPORT, Report  # noqa: E402
+
+__all__ += ["backend", "enable", "disable", "report", "Report"]
+
+
+def enable() -> None:
+    """Make every ``torch.compile`` with Inductor in this process use the fusion pass (as
+    ``GLU_FUSION=1`` does); a ``pre_grad_custom_pass`` already set keeps running before it."""
+    from .backend import install
+    install()
+
+
+def disable() -> None:
+    """Remove the fusion pass from Inductor's global config (graphs compiled before stay fused)."""
+    from .backend import uninstall
+    uninstall()
+
+
+def report() -> Report:
+    """The process-wide rewrite report: ``.graphs`` (one record per graph the pass ran on, with
+    ``.rewrites`` and ``.counts()``), ``.counts()`` per family, ``.total``, ``.reset()``;
+    ``str(report())`` is a readable summary."""
+    return _REPORT

@@ -1,0 +1,78 @@
+"""``torch.backends`` entry point: ``GLU_FUSION=1`` turns the pass on for a plain ``torch.compile``.
+
+torch calls :func:`autoload` near the end of ``import torch``.  Importing Inductor's config there
+would add over a second to every ``import torch``, so instead a one-shot import hook waits for
+``torch._inductor.config`` to be imported (which ``torch.compile`` does) and installs the pass into
+it then.  Nothing here may raise: an exception would make ``import torch`` fail.
+"""
+from __future__ import annotations
+
+import importlib.abc
+import importlib.machinery
+import logging
+import os
+import sys
+
+_TARGET = "torch._inductor.config"
+_log = logging.getLogger("glu_fusion")
+
+
+def _wanted() -> bool:
+    value = os.environ.get("GLU_FUSION", "").strip().lower()
+    return value not in ("", "0", "false", "no", "off")
+
+
+def _install_into(module) -> None:
+    try:
+        from .backend import install
+        install(module)
+    except Exception as err:  # never break the user's import
+        _log.warning("glu_fusion: GLU_FUSION is set but the pass could not be installed: %r", err)
+
+
+class _HookLoader(importlib.abc.Loader):
+    """Runs the real loader, then installs the pass into the freshly executed module."""
+
+    def __init__(self, loader) -> None:
+        self._loader = loader
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module) -> None:
+        self._loader.exec_module(module)
+        _install_into(module)
+
+
+class _OneShotFinder(importlib.abc.MetaPathFinder):
+    """Finds nothing itself; on the first lookup of ``torch._inductor.config`` it removes
+    itself from ``sys.meta_path`` and wraps that module's loader."""
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != _TARGET:
+            return None
+        try:
+            sys.meta_path.remove(self)
+        except ValueError:
+            pass
+        try:
+            spec = importlib.machinery.PathFinder.find_spec(fullname, path, target)
+            if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                spec.loader = _HookLoader(spec.loader)
+            return spec
+        except Exception:
+            return None  # let the normal finders handle it
+
+
+def autoload() -> None:
+    """Entry point: does nothing unless ``GLU_FUSION`` is set to a true value."""
+    try:
+        if not _wanted():
+            return
+        module = sys.modules.get(_TARGET)
+        if module is not None:
+            _install_into(module)
+        elif not any(isinstance(f, _OneShotFinder) for f in sys.meta_path):
+            sys.meta_path.insert(0, _OneShotFinder())
+    except Exception as err:
+        _log.warning("glu_fusion: autoload failed: %r", err)

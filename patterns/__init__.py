@@ -1,0 +1,35 @@
+"""Pattern families the pass applies, in order (installed as ``glu_fusion.patterns``).
+
+Each family is a module exposing ``FAMILY`` (a :class:`~glu_fusion.patterns._common.Family`):
+its report name, a ``register(pass_)`` that adds its patterns to the pass's Inductor
+``PatternMatcherPass`` (called once per process), and its source files (part of the pass's
+cache key).  Its handlers record each rewrite with ``glu_fusion.report.REPORT.add(Rewrite(
+family=<name>, ...))``; ``_common`` has the shared safety checks.
+
+Adding a family is one line: import its module and append its ``FAMILY`` to ``FAMILIES``.
+"""
+from __future__ import annotations
+
+from . import _common, swiglu
+from ._common import Family
+
+__all__ = ["FAMILIES", "Family", "register_all", "source_files"]
+
+#: Every family, in the order their patterns are tried.
+FAMILIES: list[Family] = [
+    swiglu.FAMILY,
+]
+
+
+def register_all(pass_) -> None:
+    """Register every family's patterns into one ``PatternMatcherPass``."""
+    for family in FAMILIES:
+        family.register(pass_)
+
+
+def source_files() -> tuple[str, ...]:
+    """The files whose text decides what the families rewrite."""
+    files = [__file__, _common.__file__]
+    for family in FAMILIES:
+        files.extend(family.sources)
+    return tuple(files)

@@ -1,0 +1,168 @@
+"""Checks and graph helpers every pattern family needs.
+
+A family matches nodes with Inductor's pattern matcher and then asks these helpers whether the
+site is safe to rewrite: no kwargs the pattern did not declare, no mutation between its nodes,
+inputs of one dtype on one device type the settings allow.  Anything unknown means "no".
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Callable, Iterable, Optional, Sequence
+
+import torch
+from torch import fx
+
+from glu_fusion import config
+
+__all__ = ["Family", "fake", "same_size", "declared_kwargs_only", "ordered_pure_span", "common_tensor_kind",
+           "source_line", "copy_meta", "shape_str", "REWRITE_DTYPES"]
+
+#: dtypes the fused ops run their kernels for; other dtypes are left alone.
+REWRITE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """One pattern family: its report name, how it registers its patterns, its source files.
+
+    ``register(pass_)`` adds the family's patterns to an Inductor ``PatternMatcherPass``; it runs
+    once per process.  ``sources`` take part in the pass's cache key.
+    """
+
+    name: str
+    register: Callable[[object], None]
+    sources: tuple[str, ...]
+
+
+def fake(node: object) -> Optional[torch.Tensor]:
+    """The fake tensor Dynamo traced for ``node`` (``example_value``), or None when unknown."""
+    if not isinstance(node, fx.Node):
+        return None
+    value = node.meta.get("example_value", node.meta.get("val"))
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def same_size(a: object, b: object) -> bool:
+    """``a == b`` for sizes that may be symbolic; False unless provably equal (adds no guard)."""
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+    try:
+        return bool(statically_known_true(a == b))
+    except Exception:  # an expression the shape environment cannot decide
+        return False
+
+
+def declared_kwargs_only(match: object) -> bool:
+    """Whether every matched node has only the kwargs its pattern declares.
+
+    Older matchers ignore undeclared kwargs: ``F.linear(x, w, bias=b)`` would otherwise match a
+    bias-free pattern and lose the bias.
+    """
+    for pattern, node in match.ctx.pattern_to_node.items():
+        declared = getattr(pattern, "kwargs", None)
+        if isinstance(node, fx.Node) and declared is not None and set(node.kwargs) - set(declared):
+            return False
+    return True
+
+
+_STATEFUL = re.compile(r"(^|_)(set|enter|exit|seed|setitem|delitem)(_|$)")
+
+
+def _may_mutate(node: fx.Node) -> bool:
+    if node.op in ("placeholder", "get_attr", "output"):
+        return False
+    if node.op == "call_module":
+        return True
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        return target._schema.is_mutable
+    if isinstance(target, torch._ops.HigherOrderOperator):
+        return True
+    name = target if isinstance(target, str) else getattr(target, "__name__", None)
+    if not isinstance(name, str):
+        return True
+    if name.endswith("_") and not name.endswith("__"):
+        return True
+    if _STATEFUL.search(name.strip("_")):
+        return True
+    return node.kwargs.get("out") is not None
+
+
+def ordered_pure_span(nodes: Iterable[fx.Node], last: fx.Node) -> Optional[list[fx.Node]]:
+    """``nodes`` and ``last`` in graph order, or None when a node from the earliest of them up to
+    ``last`` may mutate state (or one of them does not come before ``last``).
+
+    The fused op replaces the whole site at ``last``; a mutation anywhere in between (of an input,
+    of a view, an autocast or grad-mode switch) could make that move change results.
+    """
+    pending = {n for n in nodes if n is not last}
+    ordered = [last]
+    node = last
+    while pending:
+        node = node.prev
+        if node.op == "root":
+            return None
+        if node in pending:
+            pending.discard(node)
+            ordered.append(node)
+        if _may_mutate(node):
+            return None
+    ordered.reverse()
+    return ordered
+
+
+def common_tensor_kind(named: Sequence[tuple[str, Optional[fx.Node]]]) -> Optional[torch.Tensor]:
+    """The first tensor's fake value when all given nodes are tensors of one dtype in
+    ``REWRITE_DTYPES`` on one device whose type the settings allow; None otherwise.
+
+    ``None`` entries (absent biases) are skipped.
+    """
+    first = None
+    for _, node in named:
+        if node is None:
+            continue
+        t = fake(node)
+        if t is None or t.dtype not in REWRITE_DTYPES:
+            return None
+        if first is None:
+            if t.device.type not in config.rewrite_devices:
+                return None
+            first = t
+        elif t.dtype != first.dtype or t.device != first.device:
+            return None
+    return first
+
+
+_FRAME = re.compile(r'File "([^"]+)", line (\d+), in [^\n]*\n\s*([^\n]*)')
+
+
+def source_line(node: fx.Node) -> Optional[str]:
+    """``file:line  code`` of the innermost user frame in the node's stack trace, if any."""
+    trace = node.meta.get("stack_trace")
+    if not isinstance(trace, str):
+        return None
+    frames = _FRAME.findall(trace)
+    if not frames:
+        return None
+    path, line, code = frames[-1]
+    return f"{path}:{line}  {code.strip()}"
+
+
+def copy_meta(src: fx.Node, dst: fx.Node, with_value: bool = True) -> None:
+    """Give a new node the provenance (and optionally the traced value) of the node it replaces."""
+    for key in ("stack_trace", "nn_module_stack", "source_fn_stack", "mutation_region_id"):
+        if key in src.meta:
+            dst.meta[key] = src.meta[key]
+    if with_value:
+        for key in ("example_value", "val"):
+            if key in src.meta:
+                dst.meta[key] = src.meta[key]
+
+
+def shape_str(node: Optional[fx.Node]) -> str:
+    t = fake(node)
+    if t is None:
+        return "?"
+    return "[" + ",".join(str(d) for d in t.shape) + "]"
