@@ -49,3 +49,99 @@ def swiglu_grad_preact(dout: Tensor, g: Tensor, u: Tensor) -> tuple[Tensor, Tens
     d_g = df * uf * sig * (1.0 + gf * (1.0 - sig))
     d_u = df * silu
     return d_g.to(g.dtype), d_u.to(g.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Gated RMSNorm: y = rmsnorm(x)·w·act(z)  or  rmsnorm(x·act(z))·w, per group of the last dim
+# ---------------------------------------------------------------------------------------------
+
+GATE_ACTIVATIONS = ("silu", "sigmoid")
+DOWNCASTS = ("none", "before_weight", "after_weight")
+
+
+def _groups(t: Tensor, group_size: Optional[int]) -> Tensor:
+    d = t.shape[-1]
+    n = group_size or d
+    return t.unflatten(-1, (d // n, n))
+
+
+def _gate(zf: Tensor, activation: str) -> Tensor:
+    return torch.nn.functional.silu(zf) if activation == "silu" else torch.sigmoid(zf)
+
+
+def _round(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """Round a computation-dtype tensor to ``dtype`` and back, as an eager ``.to(dtype)`` does."""
+    return t.to(dtype).to(t.dtype)
+
+
+def rms_norm_gated(x: Tensor, z: Tensor, weight: Optional[Tensor], eps: float,
+                   group_size: Optional[int] = None, norm_before_gate: bool = True,
+                   activation: str = "silu", weight_offset: float = 0.0, downcast: str = "none",
+                   gate_in_input_dtype: bool = False) -> tuple[Tensor, Tensor]:
+    """Reference forward: ``(y, rstd)``, y in x's dtype, rstd ``[..., G]`` in the compute dtype.
+
+    Computes in fp32 (float64 for float64 inputs) and rounds to x's dtype exactly where the
+    flags say eager code does (see ``glu_fusion.ops.rms_norm_gated`` for their meaning).
+    Differentiable through autograd.
+    """
+    dt = x.dtype
+    cd = torch.promote_types(dt, torch.float32)
+    xf = _groups(x, group_size).to(cd)
+    g = _gate(_groups(z, group_size).to(cd), activation)
+    if gate_in_input_dtype:
+        g = _round(g, dt)
+    if not norm_before_gate:
+        xf = xf * g
+        if gate_in_input_dtype:
+            xf = _round(xf, dt)
+    rstd = torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
+    h = xf * rstd
+    if downcast == "before_weight":
+        h = _round(h, dt)
+    if weight is not None:
+        w_eff = _groups(weight, group_size).to(cd) + weight_offset
+        if downcast != "none" and weight_offset != 0.0:
+            w_eff = _round(w_eff, weight.dtype)
+        h = h * w_eff
+        if downcast == "after_weight" or (downcast == "before_weight"
+                                          and torch.promote_types(dt, weight.dtype) == dt):
+            h = _round(h, dt)
+    elif downcast != "none":
+        h = _round(h, dt)
+    y = h * g if norm_before_gate else h
+    return y.flatten(-2).to(dt), rstd.squeeze(-1)
+
+
+def rms_norm_gated_backward(dy: Tensor, x: Tensor, z: Tensor, weight: Optional[Tensor], rstd: Tensor,
+                            group_size: Optional[int], norm_before_gate: bool, activation: str,
+                            weight_offset: float) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """Explicit gradients ``(dx, dz, dweight)`` from the saved ``rstd``, in fp32 math (float64 for
+    float64 inputs) without the forward's roundings; dweight is None without a weight."""
+    cd = torch.promote_types(x.dtype, torch.float32)
+    xf, zf, df = (_groups(t, group_size).to(cd) for t in (x, z, dy))
+    r = rstd.to(cd).unsqueeze(-1)
+    sig = torch.sigmoid(zf)
+    g = zf * sig if activation == "silu" else sig
+    dact = sig * (1.0 + zf * (1.0 - sig)) if activation == "silu" else sig * (1.0 - sig)
+    w_eff = _groups(weight, group_size).to(cd) + weight_offset if weight is not None else None
+    if norm_before_gate:
+        n = xf * r
+        dh = df * g
+        h = n * w_eff if w_eff is not None else n
+        dz = df * h * dact
+        dn = dh * w_eff if w_eff is not None else dh
+        w_src = dh * n
+    else:
+        n = xf * g * r
+        dn = df * w_eff if w_eff is not None else df
+        w_src = df * n
+    ds = (dn - n * (dn * n).mean(-1, keepdim=True)) * r
+    if norm_before_gate:
+        dx = ds
+    else:
+        dx = ds * g
+        dz = ds * xf * dact
+    dw = None
+    if weight is not None:
+        dw = w_src.reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
+    return dx.flatten(-2).to(x.dtype), dz.flatten(-2).to(x.dtype), dw

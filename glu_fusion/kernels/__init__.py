@@ -3,3 +3,4 @@ from .swiglu_bwd import swiglu_input_grad, swiglu_weight_grad
 from .swiglu_fwd import swiglu_forward
 
 __all__ = ["swiglu_forward", "swiglu_input_grad", "swiglu_weight_grad"]
+from .rms_norm_gated import rms_norm_gated_backward, rms_norm_gated_forward  # noqa: F401,E402

@@ -1,8 +1,9 @@
-"""Launch helpers shared by the kernels: config choice for GPU vs interpreter, M buckets."""
+"""Launch helpers shared by the kernels: interpreter detection, tile tables, dot precision."""
 from __future__ import annotations
 
 import os
 
+import torch
 import triton
 
 
@@ -11,11 +12,17 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def m_bucket(m: int) -> int:
-    """Tuning key for the token count: the next power of two, so dynamic batches reuse configs."""
-    return 1 if m <= 1 else triton.next_power_of_2(m)
-
-
 def precision(allow_tf32: bool) -> str:
     """``tl.dot`` input precision for fp32 operands (ignored for fp16/bf16)."""
     return "tf32" if allow_tf32 else "ieee"
+
+
+def tile_config(table: dict, dtype: torch.dtype, m: int) -> dict:
+    """Pick a kernel's launch meta-parameters from its table, keyed by operand width and the
+    token count: ``table[(wide, small_m)]`` with ``wide`` for 4-byte operands and ``small_m``
+    for M <= 64 (decode-like calls, which want narrow row tiles and many column tiles).
+
+    A fixed table keeps the first call and compile time short (no autotuning sweep), and the
+    fp32 entries stay inside Hopper's 227 KB of shared memory per program.
+    """
+    return dict(table[(dtype == torch.float32, m <= 64)])

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._launch import interpreting, m_bucket, precision
+from ._launch import interpreting, precision, tile_config
 
 
 @triton.jit
@@ -35,7 +35,7 @@ def _gate_grads(d_ptrs, g_ptrs, u_ptrs, mask):
 @triton.jit
 def swiglu_dx_kernel(
     d_ptr, g_ptr, u_ptr, wg_ptr, wu_ptr, dx_ptr,
-    M, N, K, M_BUCKET,
+    M, N, K,
     stride_dm, stride_dn, stride_gm, stride_gn, stride_um, stride_un,
     stride_wgn, stride_wgk, stride_wun, stride_wuk, stride_xm, stride_xk,
     PRECISION: tl.constexpr,
@@ -86,7 +86,7 @@ def swiglu_dx_kernel(
 @triton.jit
 def swiglu_dw_kernel(
     d_ptr, g_ptr, u_ptr, x_ptr, dwg_ptr, dwu_ptr, dbg_ptr, dbu_ptr,
-    M, N, K, M_BUCKET, ROWS_PER_SPLIT,
+    M, N, K, ROWS_PER_SPLIT,
     stride_dm, stride_dn, stride_gm, stride_gn, stride_um, stride_un, stride_xm, stride_xk,
     stride_ws, stride_wgn, stride_wgk, stride_wun, stride_wuk,
     stride_bs, stride_bg, stride_bu,
@@ -147,23 +147,21 @@ def swiglu_dw_kernel(
 
 # --- launchers ----------------------------------------------------------------------------------
 
-def _dx_configs():
-    shapes = [(128, 64, 128, 3, 8), (128, 64, 64, 4, 4), (64, 64, 128, 4, 4), (64, 64, 64, 4, 4),
-              (16, 64, 128, 4, 4)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
-                          num_stages=s, num_warps=w) for bm, bn, bk, s, w in shapes]
-
-
-def _dw_configs():
-    shapes = [(64, 128, 128, 3, 8), (64, 128, 64, 4, 4), (64, 64, 128, 4, 4), (32, 64, 64, 4, 4)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_stages=s, num_warps=w)
-            for bm, bn, bk, s, w in shapes]
-
-
-_tuned_dx = triton.autotune(_dx_configs(), key=["M_BUCKET", "N", "K"])(swiglu_dx_kernel)
+# Meta-parameters by (4-byte operands, M <= 64); see _launch.tile_config.
+_GPU_DX = {
+    (False, False): dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, num_stages=2, num_warps=8),
+    (False, True): dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_stages=4, num_warps=4),
+    (True, False): dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, GROUP_M=8, num_stages=3, num_warps=4),
+    (True, True): dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, GROUP_M=1, num_stages=3, num_warps=4),
+}
+_GPU_DW = {
+    (False, False): dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_stages=3, num_warps=8),
+    (False, True): dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, num_stages=3, num_warps=8),
+    (True, False): dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, num_stages=3, num_warps=4),
+    (True, True): dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, num_stages=3, num_warps=4),
+}
 _INTERPRETER_DX = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 4}
 _INTERPRETER_DW = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}
-_GPU_DW = {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128, "num_stages": 3, "num_warps": 8}
 
 
 def swiglu_input_grad(dout: Tensor, g: Tensor, u: Tensor, w_gate: Tensor, w_up: Tensor,
@@ -176,7 +174,7 @@ def swiglu_input_grad(dout: Tensor, g: Tensor, u: Tensor, w_gate: Tensor, w_up: 
     if n == 0:
         dx.zero_()
         return
-    args = (dout, g, u, w_gate, w_up, dx, m, n, k, m_bucket(m),
+    args = (dout, g, u, w_gate, w_up, dx, m, n, k,
             dout.stride(0), dout.stride(1), g.stride(0), g.stride(1), u.stride(0), u.stride(1),
             w_gate.stride(0), w_gate.stride(1), w_up.stride(0), w_up.stride(1),
             dx.stride(0), dx.stride(1))
@@ -184,10 +182,8 @@ def swiglu_input_grad(dout: Tensor, g: Tensor, u: Tensor, w_gate: Tensor, w_up: 
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_K"]),)
 
-    if interpreting():
-        swiglu_dx_kernel[grid](*args, PRECISION=precision(allow_tf32), **_INTERPRETER_DX)
-    else:
-        _tuned_dx[grid](*args, PRECISION=precision(allow_tf32))
+    meta = _INTERPRETER_DX if interpreting() else tile_config(_GPU_DX, dout.dtype, m)
+    swiglu_dx_kernel[grid](*args, PRECISION=precision(allow_tf32), **meta)
 
 
 def _num_splits(m: int, tiles: int, block_m: int) -> int:
@@ -218,7 +214,7 @@ def swiglu_weight_grad(dout: Tensor, g: Tensor, u: Tensor, x: Tensor, dw_gate: T
         if has_bias:
             db_gate.zero_(), db_up.zero_()
         return
-    meta = _INTERPRETER_DW if interpreting() else _GPU_DW
+    meta = _INTERPRETER_DW if interpreting() else tile_config(_GPU_DW, dout.dtype, m)
     tiles = triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(k, meta["BLOCK_K"])
     splits = _num_splits(m, tiles, meta["BLOCK_M"])
     rows_per_split = triton.cdiv(triton.cdiv(m, splits), meta["BLOCK_M"]) * meta["BLOCK_M"]
@@ -236,7 +232,7 @@ def swiglu_weight_grad(dout: Tensor, g: Tensor, u: Tensor, x: Tensor, dw_gate: T
     wu_s = tu.stride()[-2:]
     grid = (splits, triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(k, meta["BLOCK_K"]))
     swiglu_dw_kernel[grid](
-        dout, g, u, x, tg, tu, bg, bu, m, n, k, m_bucket(m), rows_per_split,
+        dout, g, u, x, tg, tu, bg, bu, m, n, k, rows_per_split,
         dout.stride(0), dout.stride(1), g.stride(0), g.stride(1), u.stride(0), u.stride(1),
         x.stride(0), x.stride(1), split_stride, wg_s[0], wg_s[1], wu_s[0], wu_s[1],
         bias_split_stride, bg.stride(-1), bu.stride(-1),

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._launch import interpreting, m_bucket, precision
+from ._launch import interpreting, precision, tile_config
 
 
 @triton.jit
@@ -32,7 +32,7 @@ def _swizzle(pid, num_m, num_n, GROUP_M: tl.constexpr):
 @triton.jit
 def swiglu_fwd_kernel(
     x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, out_ptr, pre_ptr,
-    M, N, K, M_BUCKET,
+    M, N, K,
     stride_xm, stride_xk, stride_wgn, stride_wgk, stride_wun, stride_wuk,
     stride_bg, stride_bu, stride_om, stride_on, stride_pm, stride_pn,
     HAS_BIAS: tl.constexpr, SAVE_PREACT: tl.constexpr, PRECISION: tl.constexpr,
@@ -81,14 +81,13 @@ def swiglu_fwd_kernel(
         tl.store(pre + N * stride_pn, u, mask=mask)
 
 
-def _configs():
-    shapes = [(128, 128, 64, 3, 8), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4),
-              (128, 128, 32, 4, 8), (16, 64, 128, 4, 4), (16, 128, 128, 3, 4)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
-                          num_stages=s, num_warps=w) for bm, bn, bk, s, w in shapes]
-
-
-_tuned_fwd = triton.autotune(_configs(), key=["M_BUCKET", "N", "K"])(swiglu_fwd_kernel)
+# Meta-parameters by (4-byte operands, M <= 64); see _launch.tile_config.
+_GPU_META = {
+    (False, False): dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_stages=4, num_warps=8),
+    (False, True): dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_stages=4, num_warps=4),
+    (True, False): dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_stages=3, num_warps=4),
+    (True, True): dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, GROUP_M=1, num_stages=3, num_warps=4),
+}
 _INTERPRETER_META = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 4}
 
 
@@ -110,7 +109,7 @@ def swiglu_forward(x: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Optional[Ten
     bg = b_gate if has_bias else out
     bu = b_up if has_bias else out
     pre = preact if preact is not None else out
-    args = (x, w_gate, w_up, bg, bu, out, pre, m, n, k, m_bucket(m),
+    args = (x, w_gate, w_up, bg, bu, out, pre, m, n, k,
             x.stride(0), x.stride(1), w_gate.stride(0), w_gate.stride(1),
             w_up.stride(0), w_up.stride(1), bg.stride(0), bu.stride(0),
             out.stride(0), out.stride(1), pre.stride(0), pre.stride(1))
@@ -119,7 +118,5 @@ def swiglu_forward(x: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Optional[Ten
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
-    if interpreting():
-        swiglu_fwd_kernel[grid](*args, **flags, **_INTERPRETER_META)
-    else:
-        _tuned_fwd[grid](*args, **flags)
+    meta = _INTERPRETER_META if interpreting() else tile_config(_GPU_META, x.dtype, m)
+    swiglu_fwd_kernel[grid](*args, **flags, **meta)

@@ -1,0 +1,153 @@
+"""SwiGLU benchmark on a CUDA device: eager, Inductor default, our op, our backend, the floor.
+
+Every figure is the median of ``triton.testing.do_bench`` over warm runs on random inputs.
+Floors measured in the same run: one cuBLAS GEMM ``x·[Wg;Wu]ᵀ`` (forward), the three GEMMs of a
+forward+backward (``x·Wᵀ``, ``dH·W``, ``dHᵀ·x``), and for small M the weight bytes over the
+measured device-copy bandwidth.  Peak memory is the allocator's peak over the inputs' baseline
+during one forward+backward.
+
+    python benchmarks/bench_swiglu.py --json out.json --md out.md [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+import triton
+
+import glu_fusion
+
+SHAPES = [(4096, 14336), (1024, 3072), (2048, 8192)]
+TOKENS = [1, 16, 128, 1024, 4096, 16384]
+QUICK_SHAPES = [(4096, 14336), (1024, 3072)]
+QUICK_TOKENS = [1, 4096, 16384]
+
+
+def bench(fn: Callable[[], object]) -> float:
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy, bytes read plus written per second."""
+    src = torch.randn(256 * 1024 * 1024, device="cuda")
+    dst = torch.empty_like(src)
+    ms = bench(lambda: dst.copy_(src))
+    return 2 * src.numel() * src.element_size() / (ms * 1e-3)
+
+
+def eager_swiglu(x, wg, wu):
+    return F.silu(F.linear(x, wg)) * F.linear(x, wu)
+
+
+def peak_mb(fn: Callable[[], object]) -> float:
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def measure_shape(k: int, n: int, m: int, bandwidth: float, variants: dict) -> dict:
+    dtype = torch.bfloat16
+    x = torch.randn(m, k, device="cuda", dtype=dtype, requires_grad=True)
+    wg = (torch.randn(n, k, device="cuda") * k ** -0.5).to(dtype).requires_grad_()
+    wu = (torch.randn(n, k, device="cuda") * k ** -0.5).to(dtype).requires_grad_()
+    w_cat = torch.cat([wg, wu]).detach()
+    dout = torch.randn(m, n, device="cuda", dtype=dtype)
+    dh = torch.randn(m, 2 * n, device="cuda", dtype=dtype)
+    xd = x.detach()
+    row = {"K": k, "N": n, "M": m}
+
+    row["floor_fwd_ms"] = bench(lambda: xd @ w_cat.t())
+    row["floor_fwdbwd_ms"] = row["floor_fwd_ms"] + bench(lambda: dh @ w_cat) + bench(lambda: dh.t() @ xd)
+    row["weight_read_floor_ms"] = 2 * n * k * 2 / bandwidth * 1e3
+    for name, fn in variants.items():
+        def fwd():
+            with torch.no_grad():
+                return fn(x, wg, wu)
+
+        def fwdbwd():
+            out = fn(x, wg, wu)
+            return torch.autograd.grad(out, (x, wg, wu), dout)
+
+        row[f"{name}_fwd_ms"] = bench(fwd)
+        row[f"{name}_fwdbwd_ms"] = bench(fwdbwd)
+        row[f"{name}_peak_mb"] = peak_mb(fwdbwd)
+    return row
+
+
+def make_variants() -> dict:
+    torch._dynamo.reset()
+    variants = {
+        "eager": eager_swiglu,
+        "inductor": torch.compile(eager_swiglu),
+        "ours_op": lambda x, wg, wu: glu_fusion.swiglu(x, wg, wu),
+    }
+    backend = getattr(glu_fusion, "backend", None)
+    if backend is not None:
+        variants["ours_backend"] = torch.compile(eager_swiglu, backend=backend)
+    return variants
+
+
+def markdown(rows: list, env: dict) -> str:
+    names = [k[:-7] for k in rows[0] if k.endswith("_fwd_ms") and not k.startswith("floor")]
+    lines = [f"SwiGLU bf16 on {env['device']}, torch {env['torch']}, triton {env['triton']}, "
+             f"{env['date']}; copy bandwidth {env['copy_TBps']:.2f} TB/s. Times are medians in ms; "
+             "ratio = ours_op / inductor (below 1 is faster).", ""]
+    header = "| K→N | M | pass | floor | " + " | ".join(names) + " | ours/floor | ours/inductor |"
+    lines += [header, "|" + "---|" * (header.count("|") - 1)]
+    for r in rows:
+        for phase, floor_key in (("fwd", "floor_fwd_ms"), ("fwdbwd", "floor_fwdbwd_ms")):
+            floor = r[floor_key]
+            if phase == "fwd" and r["M"] <= 16:
+                floor = max(floor, r["weight_read_floor_ms"])
+            cells = [f"{r[f'{nm}_{phase}_ms']:.3f}" for nm in names]
+            ours = r[f"ours_op_{phase}_ms"]
+            lines.append(f"| {r['K']}→{r['N']} | {r['M']} | {phase} | {floor:.3f} | " + " | ".join(cells)
+                         + f" | {ours / floor:.2f} | {ours / r[f'inductor_{phase}_ms']:.2f} |")
+    lines += ["", "Peak memory over inputs during one forward+backward (MB):", "",
+              "| K→N | M | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 2)]
+    for r in rows:
+        lines.append(f"| {r['K']}→{r['N']} | {r['M']} | " + " | ".join(f"{r[f'{nm}_peak_mb']:.0f}" for nm in names) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def environment() -> dict:
+    import datetime
+    return {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "date": datetime.date.today().isoformat()}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--json", required=True)
+    parser.add_argument("--md", required=True)
+    parser.add_argument("--quick", action="store_true", help="fewer shapes")
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    env = environment()
+    env["copy_TBps"] = copy_bandwidth() / 1e12
+    variants = make_variants()
+    rows = []
+    shapes = QUICK_SHAPES if args.quick else SHAPES
+    tokens = QUICK_TOKENS if args.quick else TOKENS
+    for k, n in shapes:
+        for m in tokens:
+            rows.append(measure_shape(k, n, m, env["copy_TBps"] * 1e12, variants))
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    with open(args.json, "w") as f:
+        json.dump({"env": env, "rows": rows}, f, indent=1)
+    table = markdown(rows, env)
+    with open(args.md, "w") as f:
+        f.write(table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,234 @@
+"""The gated RMSNorm custom ops of gated delta-net / linear-attention / Mamba-2 layers.
+
+Ops (namespace ``glu_fusion``), both functional:
+
+* ``rms_norm_gated(x, z, weight, eps, group_size, norm_before_gate, activation, weight_offset,
+  downcast, gate_in_input_dtype) -> (y, rstd)``
+* ``rms_norm_gated_backward(dy, x, z, weight, rstd, group_size, norm_before_gate, activation,
+  weight_offset, need_x, need_z, need_weight) -> (dx, dz, dweight)``; outputs not asked for are
+  empty tensors.
+
+Semantics over the last dimension D, cut into groups of ``group_size`` (None: one group)::
+
+    norm_before_gate=True:   y = rmsnorm(x) · (weight + weight_offset) · act(z)
+    norm_before_gate=False:  y = rmsnorm(x · act(z)) · (weight + weight_offset)
+
+with ``act`` silu or sigmoid, ``weight`` optional (``[D]``, any float dtype; None means 1) and
+``rstd = 1/sqrt(mean(s²) + eps)`` saved per row and group in fp32 for backward.  The math runs in
+fp32; the output is in x's dtype.  Three flags place the roundings to x's dtype where the source
+model's eager code has them, so the op reproduces that code within one rounding step:
+
+* ``downcast="none"``: the weight is applied in fp32, one rounding at the end (FLA, Mamba-2
+  reference with ``upcast``, torchtitan, Gemma-style ``x.float() * (1 + w.float())``).
+* ``"before_weight"``: the normalised value is rounded to x's dtype, then multiplied by the
+  weight in the promoted dtype of x and weight and rounded again when that is x's dtype
+  (HF ``weight * hidden.to(input_dtype)``: Qwen3-Next, Llama-style RMSNorm modules).
+* ``"after_weight"``: rounded once after the weight (``F.rms_norm`` / ``nn.RMSNorm``, which
+  return x's dtype, followed by the gate product).
+* with ``downcast != "none"`` a nonzero ``weight_offset`` is added in the weight's dtype.
+* ``gate_in_input_dtype``: ``act(z)`` is rounded to x's dtype (``F.silu(z)`` without an upcast),
+  and with the gate before the norm so is ``x·act(z)``.  Default: the gate stays fp32
+  (HF ``F.silu(gate.to(torch.float32))``).
+
+Exactness: the reference path (CPU without the interpreter, float64) is the eager spelling
+itself, so it equals eager bit for bit on the same device.  The kernels use the same rounding
+points but their own summation order and ``exp``/``sqrt``: outputs match eager within one unit in
+the last place of x's dtype (fp32: a few fp32 ulps).  Spellings with more roundings than these
+flags describe (e.g. ``pow(2).mean()`` in bf16 without an upcast) are matched within tolerance
+only, and are more accurate than eager.
+
+Backward treats every rounding as identity (as autograd does for ``.to``) and computes in fp32;
+the weight gradient is accumulated in fp32 and reduced deterministically (per-program partial
+rows, then one sum).  Only the gradients autograd needs are computed.
+
+Autocast: the op casts nothing.  Eager code for these norms contains no autocast-listed op
+that changes the result dtype (it upcasts and downcasts explicitly), so the op runs on the
+dtypes it is given, as eager does; a fallthrough keeps it from being cast.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import reference
+from ._common import SUPPORTED_DTYPES, check_same, empty_like_nothing, use_kernels
+
+ACTIVATIONS = {"silu": 0, "sigmoid": 1}
+DOWNCASTS = {"none": 0, "before_weight": 1, "after_weight": 2}
+_MAX_KERNEL_GROUP = 32768  # mirrors kernels.rms_norm_gated.MAX_GROUP, without importing Triton
+
+
+def _group(d: int, group_size: Optional[int]) -> int:
+    return d if group_size is None else group_size
+
+
+def _check(x: Tensor, z: Tensor, weight: Optional[Tensor], eps: float, group_size: Optional[int],
+           activation: str, downcast: str) -> None:
+    if x.dim() < 1:
+        raise ValueError("glu_fusion.rms_norm_gated: x must have at least one dimension [..., D]")
+    if tuple(z.shape) != tuple(x.shape):
+        raise ValueError(f"glu_fusion.rms_norm_gated: z has shape {tuple(z.shape)} but x has "
+                         f"{tuple(x.shape)}; they must be equal")
+    check_same("x", x, [("z", z)])
+    d = x.shape[-1]
+    if d == 0:
+        raise ValueError("glu_fusion.rms_norm_gated: x's last dimension D must be positive")
+    if group_size is not None and (group_size <= 0 or d % group_size != 0):
+        raise ValueError(f"glu_fusion.rms_norm_gated: group_size={group_size} must be a positive "
+                         f"divisor of D={d}")
+    if weight is not None:
+        if tuple(weight.shape) != (d,):
+            raise ValueError(f"glu_fusion.rms_norm_gated: weight must have shape ({d},), got "
+                             f"{tuple(weight.shape)}")
+        if weight.device != x.device:
+            raise ValueError(f"glu_fusion.rms_norm_gated: weight is on {weight.device} but x is on "
+                             f"{x.device}")
+        if weight.dtype not in SUPPORTED_DTYPES or (weight.dtype == torch.float64) != (x.dtype == torch.float64):
+            raise TypeError(f"glu_fusion.rms_norm_gated: weight has dtype {weight.dtype}; with x in "
+                            f"{x.dtype} it must be float32, float16 or bfloat16 (float64 only with "
+                            "float64 x)")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"glu_fusion.rms_norm_gated: activation must be one of {sorted(ACTIVATIONS)}, "
+                         f"got {activation!r}")
+    if downcast not in DOWNCASTS:
+        raise ValueError(f"glu_fusion.rms_norm_gated: downcast must be one of {sorted(DOWNCASTS)}, "
+                         f"got {downcast!r}")
+    if not eps >= 0.0:
+        raise ValueError(f"glu_fusion.rms_norm_gated: eps must be >= 0, got {eps}")
+
+
+def _kernels_serve(x: Tensor, group_size: Optional[int]) -> bool:
+    return use_kernels(x) and _group(x.shape[-1], group_size) <= _MAX_KERNEL_GROUP
+
+
+def _rstd_dtype(x: Tensor) -> torch.dtype:
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+# --- forward --------------------------------------------------------------------------------------
+
+@torch.library.custom_op("glu_fusion::rms_norm_gated", mutates_args=())
+def rms_norm_gated(x: Tensor, z: Tensor, weight: Optional[Tensor], eps: float,
+                   group_size: Optional[int], norm_before_gate: bool, activation: str,
+                   weight_offset: float, downcast: str, gate_in_input_dtype: bool) -> tuple[Tensor, Tensor]:
+    _check(x, z, weight, eps, group_size, activation, downcast)
+    if not _kernels_serve(x, group_size):
+        y, rstd = reference.rms_norm_gated(x, z, weight, eps, group_size, norm_before_gate, activation,
+                                           weight_offset, downcast, gate_in_input_dtype)
+        return y.contiguous(), rstd.contiguous()
+    from ..kernels import rms_norm_gated as kernels
+    d = x.shape[-1]
+    group = _group(d, group_size)
+    y = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+    rstd = torch.empty((*x.shape[:-1], d // group), device=x.device, dtype=torch.float32)
+    mode = DOWNCASTS[downcast]
+    round_weighted = mode == kernels.DOWNCAST_AFTER_WEIGHT or (
+        mode == kernels.DOWNCAST_BEFORE_WEIGHT
+        and (weight is None or torch.promote_types(x.dtype, weight.dtype) == x.dtype))
+    kernels.rms_norm_gated_forward(
+        x, z, weight, y, rstd, eps, group, norm_before_gate, ACTIVATIONS[activation], weight_offset,
+        gate_low=gate_in_input_dtype, round_normed=mode == kernels.DOWNCAST_BEFORE_WEIGHT,
+        round_weighted=round_weighted, round_w_eff=mode != kernels.DOWNCAST_NONE and weight_offset != 0.0)
+    return y, rstd
+
+
+@rms_norm_gated.register_fake
+def _(x, z, weight, eps, group_size, norm_before_gate, activation, weight_offset, downcast,
+      gate_in_input_dtype):
+    _check(x, z, weight, eps, group_size, activation, downcast)
+    n_groups = x.shape[-1] // _group(x.shape[-1], group_size)
+    return x.new_empty(x.shape), x.new_empty((*x.shape[:-1], n_groups), dtype=_rstd_dtype(x))
+
+
+# --- backward -------------------------------------------------------------------------------------
+
+@torch.library.custom_op("glu_fusion::rms_norm_gated_backward", mutates_args=())
+def rms_norm_gated_backward(dy: Tensor, x: Tensor, z: Tensor, weight: Optional[Tensor], rstd: Tensor,
+                            group_size: Optional[int], norm_before_gate: bool, activation: str,
+                            weight_offset: float, need_x: bool, need_z: bool,
+                            need_weight: bool) -> tuple[Tensor, Tensor, Tensor]:
+    need_weight = need_weight and weight is not None
+    if not _kernels_serve(x, group_size):
+        dx, dz, dw = reference.rms_norm_gated_backward(dy, x, z, weight, rstd, group_size,
+                                                       norm_before_gate, activation, weight_offset)
+    else:
+        from ..kernels import rms_norm_gated as kernels
+        dx = torch.empty(x.shape, device=x.device, dtype=x.dtype) if need_x else None
+        dz = torch.empty(x.shape, device=x.device, dtype=x.dtype) if need_z else None
+        dw = kernels.rms_norm_gated_backward(
+            dy, x, z, weight, rstd, dx, dz, need_weight, _group(x.shape[-1], group_size),
+            norm_before_gate, ACTIVATIONS[activation], weight_offset)
+        if dw is not None:
+            dw = dw.to(weight.dtype)
+    return (dx.contiguous() if need_x else empty_like_nothing(x),
+            dz.contiguous() if need_z else empty_like_nothing(x),
+            dw if need_weight else empty_like_nothing(x))
+
+
+@rms_norm_gated_backward.register_fake
+def _(dy, x, z, weight, rstd, group_size, norm_before_gate, activation, weight_offset, need_x, need_z,
+      need_weight):
+    dx = x.new_empty(x.shape) if need_x else x.new_empty((0,))
+    dz = x.new_empty(x.shape) if need_z else x.new_empty((0,))
+    dw = weight.new_empty(weight.shape) if need_weight and weight is not None else x.new_empty((0,))
+    return dx, dz, dw
+
+
+# --- autograd -------------------------------------------------------------------------------------
+
+def _setup(ctx, inputs, output):
+    x, z, weight, eps, group_size, norm_before_gate, activation, weight_offset, _, _ = inputs
+    _, rstd = output
+    ctx.mark_non_differentiable(rstd)
+    ctx.flags = (group_size, norm_before_gate, activation, weight_offset)
+    ctx.save_for_backward(x, z, weight, rstd)
+
+
+def _backward(ctx, dy, _drstd):
+    x, z, weight, rstd = ctx.saved_tensors
+    need_x, need_z, need_w = ctx.needs_input_grad[:3]
+    need_w = need_w and weight is not None
+    if not (need_x or need_z or need_w):
+        return (None,) * 10
+    dx, dz, dw = torch.ops.glu_fusion.rms_norm_gated_backward(dy, x, z, weight, rstd, *ctx.flags,
+                                                              need_x, need_z, need_w)
+    return (dx if need_x else None, dz if need_z else None, dw if need_w else None) + (None,) * 7
+
+
+rms_norm_gated.register_autograd(_backward, setup_context=_setup)
+
+
+def _register_autocast_passthrough() -> None:
+    """Run both ops on the dtypes they are given under autocast (see the module docstring)."""
+    lib = torch.library.Library("glu_fusion", "IMPL")
+    _LIBS.append(lib)
+    for name in ("rms_norm_gated", "rms_norm_gated_backward"):
+        for key in ("AutocastCUDA", "AutocastCPU"):
+            lib.impl(name, torch.library.fallthrough_kernel, key)
+
+
+_LIBS: list = []
+_register_autocast_passthrough()
+
+
+# --- public functional ----------------------------------------------------------------------------
+
+def rms_norm_gated_api(x: Tensor, z: Tensor, weight: Optional[Tensor] = None, eps: float = 1e-6,
+                       group_size: Optional[int] = None, norm_before_gate: bool = True,
+                       activation: str = "silu", *, weight_offset: float = 0.0,
+                       downcast: str = "none", gate_in_input_dtype: bool = False) -> Tensor:
+    """Gated RMSNorm over the last dimension of ``x`` and ``z`` (same shape ``[..., D]``).
+
+    ``norm_before_gate=True``: ``rmsnorm(x) * w * act(z)``; ``False``: ``rmsnorm(x * act(z)) * w``,
+    with ``w = weight + weight_offset`` (``weight_offset=1.0`` for the ``(1 + w)`` form; no
+    weight means 1), ``act`` ``"silu"`` or ``"sigmoid"``, and each group of ``group_size``
+    columns (a divisor of D; None: the whole row) normalised on its own.  Computes in fp32 and
+    returns x's dtype; ``downcast`` (``"none"``, ``"before_weight"``, ``"after_weight"``) and
+    ``gate_in_input_dtype`` reproduce the roundings of a given eager spelling (module docstring
+    of ``glu_fusion.ops.rms_norm_gated``).  Differentiable in x, z and weight; x and z may be
+    strided views (unit last stride avoids a copy).
+    """
+    return rms_norm_gated(x, z, weight, float(eps), group_size, bool(norm_before_gate), activation,
+                          float(weight_offset), downcast, bool(gate_in_input_dtype))[0]
