@@ -1,0 +1,232 @@
+"""Graph snapshots: what the pass leaves in the Dynamo graph, and what AOTAutograd makes of it.
+
+Graphs are rendered without node names, placeholder names, shapes or comments: each call is
+``target(args)`` where an argument produced by another node shows that node's target (``in``
+for a graph input), so the text is the same on every supported torch version.
+Regenerate with ``EXPECTTEST_ACCEPT=1 python -m pytest tests/test_pass_snapshots.py``.
+"""
+from __future__ import annotations
+
+import operator
+
+import expecttest
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch._dynamo.backends.common import aot_autograd
+from torch._functorch.aot_autograd import make_boxed_func
+
+import glu_fusion
+from glu_fusion.graph_pass import GluPass
+from glu_fusion.report import REPORT
+
+
+def _name(node: torch.fx.Node) -> str:
+    if node.op in ("placeholder", "get_attr"):
+        return "in"
+    if node.op == "call_method":
+        return "." + node.target
+    target = node.target
+    if isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+        return str(target)
+    return getattr(target, "__name__", str(target))
+
+
+def _arg(a, keep_ints: bool) -> str:
+    if isinstance(a, torch.fx.Node):
+        return _name(a)
+    if isinstance(a, (list, tuple)):
+        inner = ", ".join(_arg(x, keep_ints) for x in a)
+        return f"[{inner}]" if isinstance(a, list) else f"({inner})"
+    if isinstance(a, torch.dtype):
+        return str(a).replace("torch.", "")
+    if isinstance(a, int) and not isinstance(a, bool) and not keep_ints:
+        return "#"  # a size or an index: differs with shapes and torch versions
+    return repr(a)
+
+
+def render(graph: torch.fx.Graph) -> str:
+    lines = []
+    for node in graph.nodes:
+        if node.op in ("placeholder", "get_attr"):
+            continue
+        keep = (node.op != "call_function" or node.target is operator.getitem
+                or str(node.target).startswith("glu_fusion."))
+        args = [_arg(a, keep) for a in node.args] + [f"{k}={_arg(v, keep)}" for k, v in node.kwargs.items()]
+        if node.op == "output":
+            lines.append(f"return {', '.join(args)}")
+        else:
+            lines.append(f"{_name(node)}({', '.join(args)})")
+    return "\n".join(lines)
+
+
+class Captured:
+    """A backend that runs the pass on the Dynamo graph, then AOTAutograd without decompositions,
+    keeping the three graphs' text."""
+
+    def __init__(self) -> None:
+        self.pre_grad = self.forward = self.backward = ""
+
+    def __call__(self, gm, example_inputs):
+        GluPass()(gm.graph)
+        gm.recompile()
+        self.pre_grad = render(gm.graph)
+
+        def fw(g, _):
+            self.forward = render(g.graph)
+            return make_boxed_func(g.forward)
+
+        def bw(g, _):
+            self.backward = render(g.graph)
+            return make_boxed_func(g.forward)
+
+        return aot_autograd(fw_compiler=fw, bw_compiler=bw)(gm, example_inputs)
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, k=16, n=32):
+        super().__init__()
+        self.gate_proj = nn.Linear(k, n, bias=False)
+        self.up_proj = nn.Linear(k, n, bias=False)
+        self.down_proj = nn.Linear(n, k, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class SwiGLU(nn.Module):
+    """Only the SwiGLU, so the AOT graphs hold nothing but our ops and their plumbing."""
+
+    def __init__(self, k=16, n=32):
+        super().__init__()
+        self.w1 = nn.Linear(k, n, bias=False)
+        self.w3 = nn.Linear(k, n, bias=False)
+
+    def forward(self, x):
+        return F.silu(self.w1(x)) * self.w3(x)
+
+
+class PackedMLP(nn.Module):
+    def __init__(self, k=16, n=32, interleaved=False):
+        super().__init__()
+        self.fc1 = nn.Linear(k, 2 * n)
+        self.act = nn.SiLU()
+        self.interleaved = interleaved
+
+    def forward(self, x):
+        y = self.fc1(x)
+        if self.interleaved:
+            return y[..., 1::2] * self.act(y[..., ::2])
+        g, u = y.chunk(2, dim=-1)
+        return self.act(g) * u
+
+
+class GeGLU(nn.Module):
+    def __init__(self, k=16, n=32):
+        super().__init__()
+        self.w = nn.Linear(k, 2 * n, bias=False)
+
+    def forward(self, x):
+        g, u = self.w(x).chunk(2, -1)
+        return F.gelu(g) * u
+
+
+@pytest.fixture
+def capture(cpu_rewrites, monkeypatch):
+    monkeypatch.setattr(glu_fusion.config, "recompute", False)
+
+    def run(module, x):
+        cap = Captured()
+        torch.compile(module, backend=cap, fullgraph=True)(x.requires_grad_()).sum().backward()
+        return cap
+
+    return run
+
+
+class TestSnapshots(expecttest.TestCase):
+    @pytest.fixture(autouse=True)
+    def _capture(self, capture):
+        self.run_graphs = capture
+
+    def test_llama_mlp(self):
+        cap = self.run_graphs(LlamaMLP(), torch.randn(2, 3, 16))
+        self.assertExpectedInline(cap.pre_grad, """\
+glu_fusion.swiglu.default(in, in, in, None, None, True)
+getitem(glu_fusion.swiglu.default, 0)
+linear(getitem, in, None)
+return (linear)""")
+        assert REPORT.counts() == {"swiglu": 1}
+
+    def test_two_weights_training_graphs(self):
+        cap = self.run_graphs(SwiGLU(), torch.randn(2, 3, 16))
+        self.assertExpectedInline(cap.pre_grad, """\
+glu_fusion.swiglu.default(in, in, in, None, None, True)
+getitem(glu_fusion.swiglu.default, 0)
+return (getitem)""")
+        self.assertExpectedInline(cap.forward, """\
+glu_fusion.swiglu.default(in, in, in, None, None, True)
+getitem(glu_fusion.swiglu.default, 0)
+getitem(glu_fusion.swiglu.default, 1)
+return (getitem, in, in, in, getitem)""")
+        self.assertExpectedInline(cap.backward, """\
+glu_fusion.swiglu_dx.default(in, in, in, in)
+glu_fusion.swiglu_dw.default(in, in, in, False)
+getitem(glu_fusion.swiglu_dw.default, 0)
+getitem(glu_fusion.swiglu_dw.default, 1)
+return (getitem, glu_fusion.swiglu_dx.default, getitem)""")
+
+    def test_packed_chunk_with_bias(self):
+        cap = self.run_graphs(PackedMLP(), torch.randn(4, 16))
+        self.assertExpectedInline(cap.pre_grad, """\
+glu_fusion.swiglu_packed.default(in, in, in, 0, True)
+getitem(glu_fusion.swiglu_packed.default, 0)
+return (getitem)""")
+        self.assertExpectedInline(cap.forward, """\
+glu_fusion.swiglu_packed.default(in, in, in, 0, True)
+getitem(glu_fusion.swiglu_packed.default, 0)
+getitem(glu_fusion.swiglu_packed.default, 1)
+return (getitem, in, in, getitem)""")
+        self.assertExpectedInline(cap.backward, """\
+aten.slice.Tensor(in, #, #, #)
+aten.slice.Tensor(in, #, #, #)
+glu_fusion.swiglu_dx.default(in, in, aten.slice.Tensor, aten.slice.Tensor)
+glu_fusion.swiglu_packed_dw.default(in, in, in, 0, True)
+getitem(glu_fusion.swiglu_packed_dw.default, 0)
+getitem(glu_fusion.swiglu_packed_dw.default, 1)
+return (getitem, getitem, glu_fusion.swiglu_dx.default)""")
+
+    def test_packed_interleaved_up_times_act(self):
+        cap = self.run_graphs(PackedMLP(interleaved=True), torch.randn(2, 3, 16))
+        self.assertExpectedInline(cap.pre_grad, """\
+glu_fusion.swiglu_packed.default(in, in, in, 2, True)
+getitem(glu_fusion.swiglu_packed.default, 0)
+return (getitem)""")
+
+    def test_recompute_saves_no_preactivation(self):
+        glu_fusion.config.recompute = True  # restored by the fixture's monkeypatch
+        cap = self.run_graphs(SwiGLU(), torch.randn(2, 3, 16))
+        self.assertExpectedInline(cap.forward, """\
+glu_fusion.swiglu.default(in, in, in, None, None, False)
+getitem(glu_fusion.swiglu.default, 0)
+return (getitem, in, in, in)""")
+        self.assertExpectedInline(cap.backward, """\
+glu_fusion.swiglu.default(in, in, in, None, None, True)
+getitem(glu_fusion.swiglu.default, 1)
+glu_fusion.swiglu_dx.default(in, getitem, in, in)
+glu_fusion.swiglu_dw.default(in, getitem, in, False)
+getitem(glu_fusion.swiglu_dw.default, 0)
+getitem(glu_fusion.swiglu_dw.default, 1)
+return (getitem, glu_fusion.swiglu_dx.default, getitem)""")
+
+    def test_geglu_unchanged(self):
+        cap = self.run_graphs(GeGLU(), torch.randn(2, 3, 16))
+        self.assertExpectedInline(cap.pre_grad, """\
+linear(in, in, None)
+.chunk(linear, 2, -1)
+getitem(.chunk, 0)
+getitem(.chunk, 1)
+gelu(getitem)
+mul(gelu, getitem)
+return (mul)""")
+        assert REPORT.total == 0
