@@ -4,4 +4,3 @@ from .swiglu_fwd import swiglu_forward
 
 __all__ = ["swiglu_forward", "swiglu_input_grad", "swiglu_weight_grad"]
 from .rms_norm_gated import rms_norm_gated_backward, rms_norm_gated_forward  # noqa: F401,E402
-from .rms_norm_gated import rms_norm_gated_backward, rms_norm_gated_forward  # noqa: F401,E402
