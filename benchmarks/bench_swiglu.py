@@ -66,7 +66,9 @@ def measure_shape(k: int, n: int, m: int, bandwidth: float, variants: dict) -> d
     row["floor_fwd_ms"] = bench(lambda: xd @ w_cat.t())
     row["floor_fwdbwd_ms"] = row["floor_fwd_ms"] + bench(lambda: dh @ w_cat) + bench(lambda: dh.t() @ xd)
     row["weight_read_floor_ms"] = 2 * n * k * 2 / bandwidth * 1e3
-    for name, fn in variants.items():
+    for name, (fn, backward_mode) in variants.items():
+        glu_fusion.config.backward = backward_mode
+
         def fwd():
             with torch.no_grad():
                 return fn(x, wg, wu)
@@ -78,19 +80,26 @@ def measure_shape(k: int, n: int, m: int, bandwidth: float, variants: dict) -> d
         row[f"{name}_fwd_ms"] = bench(fwd)
         row[f"{name}_fwdbwd_ms"] = bench(fwdbwd)
         row[f"{name}_peak_mb"] = peak_mb(fwdbwd)
+    glu_fusion.config.backward = "fused"
     return row
 
 
+def ours_op(x, wg, wu):
+    return glu_fusion.swiglu(x, wg, wu)
+
+
 def make_variants() -> dict:
+    """name -> (function, SwiGLU backward mode while it runs)."""
     torch._dynamo.reset()
     variants = {
-        "eager": eager_swiglu,
-        "inductor": torch.compile(eager_swiglu),
-        "ours_op": lambda x, wg, wu: glu_fusion.swiglu(x, wg, wu),
+        "eager": (eager_swiglu, "fused"),
+        "inductor": (torch.compile(eager_swiglu), "fused"),
+        "ours_op": (ours_op, "fused"),
+        "ours_op_gemmbwd": (ours_op, "gemm"),
     }
     backend = getattr(glu_fusion, "backend", None)
     if backend is not None:
-        variants["ours_backend"] = torch.compile(eager_swiglu, backend=backend)
+        variants["ours_backend"] = (torch.compile(eager_swiglu, backend=backend), "fused")
     return variants
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["enabled_by_env", "rewrite_devices", "recompute", "settings_key"]
+__all__ = ["enabled_by_env", "rewrite_devices", "recompute", "backward", "settings_key"]
 
 
 def _env_flag(name: str, default: bool = False) -> bool:
@@ -35,6 +35,16 @@ rewrite_devices: tuple[str, ...] = _env_list("GLU_FUSION_DEVICES", "cuda")
 recompute: bool = _env_flag("GLU_FUSION_RECOMPUTE")
 
 
+#: ``GLU_FUSION_BACKWARD`` selects how the SwiGLU backward runs on the GPU:
+#: ``fused`` (default): the input-grad and 3D-tiled weight-grad Triton kernels, which compute the
+#: gate's backward inside their operand loads (no ``[M, 2N]`` gradient buffer);
+#: ``gemm``: one elementwise Triton kernel writes ``dH = [dG | dU]`` in the weight's layout, then
+#: cuBLAS GEMMs compute ``dX = dH·W`` and ``dW = dHᵀ·x``.
+backward: str = os.environ.get("GLU_FUSION_BACKWARD", "fused").strip().lower() or "fused"
+if backward not in ("fused", "gemm"):
+    raise ValueError(f"GLU_FUSION_BACKWARD must be 'fused' or 'gemm', got {backward!r}")
+
+
 def settings_key() -> str:
     """The settings that change what the pass writes into a graph, as a stable string."""
-    return f"devices={','.join(rewrite_devices)};recompute={int(recompute)}"
+    return f"devices={','.join(rewrite_devices)};recompute={int(recompute)};backward={backward}"

@@ -153,3 +153,13 @@ def test_empty_and_single_row():
             assert all(torch.count_nonzero(gr) == 0 for gr in grads[1:])
         else:
             check_against_float64(problem, 1e-5)
+
+
+@pytest.mark.parametrize("layout", ALL_LAYOUTS)
+def test_gemm_backward_mode(layout, monkeypatch):
+    """The elementwise gate-grad kernel plus plain GEMMs give the same gradients."""
+    from glu_fusion import config
+
+    monkeypatch.setattr(config, "backward", "gemm")
+    for dtype in (torch.float32, torch.float16):
+        check_against_float64(make_problem(layout, (2, 9), 40, 24, dtype, bias=True), TOLERANCE[dtype])

@@ -39,6 +39,8 @@ def test_opcheck_backward_ops():
     x, dout, preact = torch.randn(5, 16), torch.randn(5, 8), torch.randn(5, 16)
     wg, wu = torch.randn(8, 16), torch.randn(8, 16)
     torch.library.opcheck(torch.ops.glu_fusion.swiglu_dx.default, (dout, preact, wg, wu))
+    for layout in (CONCAT_UP_FIRST, INTERLEAVED_GATE_EVEN):
+        torch.library.opcheck(torch.ops.glu_fusion.swiglu_dh.default, (dout, preact, layout))
     for want_bias in (True, False):
         torch.library.opcheck(torch.ops.glu_fusion.swiglu_dw.default, (dout, preact, x, want_bias))
         torch.library.opcheck(torch.ops.glu_fusion.swiglu_packed_dw.default,
@@ -133,3 +135,12 @@ def test_error_packed_odd_rows_and_bad_layout():
         glu_fusion.swiglu_packed(x, torch.randn(15, 16))
     with pytest.raises(ValueError, match="layout must be one of"):
         glu_fusion.swiglu_packed(x, torch.randn(16, 16), layout="stacked")
+
+
+@pytest.mark.parametrize("layout", ALL_LAYOUTS)
+def test_gradcheck_gemm_backward(layout, monkeypatch):
+    from glu_fusion import config
+
+    monkeypatch.setattr(config, "backward", "gemm")
+    problem = make_problem(layout, (3, 2), 12, 5, torch.float64, bias=True)
+    assert torch.autograd.gradcheck(lambda *leaves: problem.run(list(leaves)), problem.leaves)

@@ -243,3 +243,36 @@ def swiglu_weight_grad(dout: Tensor, g: Tensor, u: Tensor, x: Tensor, dw_gate: T
         if has_bias:
             db_gate.copy_(bg.sum(0))
             db_up.copy_(bu.sum(0))
+
+
+@triton.jit
+def swiglu_gate_grad_kernel(
+    d_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, M, N,
+    stride_dm, stride_dn, stride_gm, stride_gn, stride_um, stride_un,
+    stride_dgm, stride_dgn, stride_dum, stride_dun,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Elementwise: write dG and dU (through their strides, e.g. into a packed dH)."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = offs_m.to(tl.int64)[:, None]
+    cols = offs_n.to(tl.int64)[None, :]
+    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    d_g, d_u = _gate_grads(d_ptr + rows * stride_dm + cols * stride_dn,
+                           g_ptr + rows * stride_gm + cols * stride_gn,
+                           u_ptr + rows * stride_um + cols * stride_un, mask)
+    tl.store(dg_ptr + rows * stride_dgm + cols * stride_dgn, d_g, mask=mask)
+    tl.store(du_ptr + rows * stride_dum + cols * stride_dun, d_u, mask=mask)
+
+
+def swiglu_gate_grad(dout: Tensor, g: Tensor, u: Tensor, d_g: Tensor, d_u: Tensor) -> None:
+    """Write the gate's backward ``dG``, ``dU`` [M, N] (any strides) from dout, g, u."""
+    m, n = dout.shape
+    if m == 0 or n == 0:
+        return
+    block_m, block_n = (16, 16) if interpreting() else (32, 128)
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    swiglu_gate_grad_kernel[grid](
+        dout, g, u, d_g, d_u, m, n, dout.stride(0), dout.stride(1), g.stride(0), g.stride(1),
+        u.stride(0), u.stride(1), d_g.stride(0), d_g.stride(1), d_u.stride(0), d_u.stride(1),
+        BLOCK_M=block_m, BLOCK_N=block_n)

@@ -6,6 +6,7 @@ Ops (namespace ``glu_fusion``), all functional:
 * ``swiglu_packed(x, weight, bias, layout, save_preact) -> (out, preact)``: one ``[2N, K]``
   weight read in place through the views ``LAYOUTS`` describes; its gradient comes back packed.
 * ``swiglu_dx(dout, preact, w_gate, w_up) -> dx``: the input gradient.
+* ``swiglu_dh(dout, preact, layout) -> dh``: the gate's backward alone, for the GEMM backward.
 * ``swiglu_dw(dout, preact, x, want_bias) -> (dw_gate, dw_up, db_gate, db_up)``
 * ``swiglu_packed_dw(dout, preact, x, layout, want_bias) -> (dweight, dbias)``
 
@@ -20,7 +21,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import reference
+from .. import config, reference
 from . import _common
 from ._common import check_same, empty_like_nothing, use_kernels
 
@@ -156,6 +157,30 @@ def _(dout, preact, w_gate, w_up):
     return dout.new_empty((*dout.shape[:-1], w_gate.shape[1]))
 
 
+@torch.library.custom_op("glu_fusion::swiglu_dh", mutates_args=())
+def swiglu_dh(dout: Tensor, preact: Tensor, layout: int) -> Tensor:
+    """The gate's backward ``dH`` [M, 2N], its dG and dU columns placed as ``layout`` places
+    the gate and up rows of a packed weight, so that ``dX = dH·W`` and ``dW = dHᵀ·x``."""
+    n = preact.shape[1] // 2
+    dout2d = dout.reshape(-1, n)
+    g, u = _preact_halves(preact)
+    dh = preact.new_empty((dout2d.shape[0], 2 * n))
+    d_g_out, d_u_out = (t.t() for t in packed_views(dh.t(), layout))
+    if use_kernels(dout):
+        from ..kernels import swiglu_gate_grad
+        swiglu_gate_grad(dout2d, g, u, d_g_out, d_u_out)
+    else:
+        d_g, d_u = reference.swiglu_grad_preact(dout2d, g, u)
+        d_g_out.copy_(d_g)
+        d_u_out.copy_(d_u)
+    return dh
+
+
+@swiglu_dh.register_fake
+def _(dout, preact, layout):
+    return preact.new_empty((preact.shape[0], preact.shape[1]))
+
+
 def _weight_grad_into(dout: Tensor, preact: Tensor, x: Tensor, dw_gate: Tensor, dw_up: Tensor,
                       db_gate: Optional[Tensor], db_up: Optional[Tensor]) -> None:
     """Write dWg, dWu (and the bias grads) into the given, possibly strided, outputs."""
@@ -216,6 +241,35 @@ def _(dout, preact, x, layout, want_bias):
 
 # --- autograd -----------------------------------------------------------------------------------
 
+def _gemm_backward(dout: Tensor, preact: Tensor, x: Tensor, weights: tuple, layout: int,
+                   need_x: bool, need_w: bool, need_b: bool):
+    """Backward through one elementwise kernel and plain GEMMs (``config.backward == "gemm"``).
+
+    ``weights`` is ``(weight,)`` for a packed weight or ``(w_gate, w_up)``; returns dx, the
+    weight grads in the same form, and the bias grads (or Nones)."""
+    k = x.shape[-1]
+    dh = torch.ops.glu_fusion.swiglu_dh(dout, preact, layout)
+    x2d = x.reshape(-1, k)
+    dx = dws = dbs = None
+    if len(weights) == 1:
+        if need_x:
+            dx = (dh @ weights[0]).reshape(x.shape)
+        if need_w:
+            dws = (dh.t() @ x2d,)
+        if need_b:
+            dbs = (dh.sum(0),)
+        return dx, dws, dbs
+    n = dh.shape[1] // 2
+    d_g, d_u = dh[:, :n], dh[:, n:]
+    if need_x:
+        dx = torch.addmm(d_g @ weights[0], d_u, weights[1]).reshape(x.shape)
+    if need_w:
+        dws = (d_g.t() @ x2d, d_u.t() @ x2d)
+    if need_b:
+        dbs = (d_g.sum(0), d_u.sum(0))
+    return dx, dws, dbs
+
+
 def _setup(ctx, x, weights, biases, save_preact, output, layout=None):
     out, preact = output
     ctx.mark_non_differentiable(preact)
@@ -241,6 +295,11 @@ def _swiglu_backward(ctx, dout, _dpreact):
         return None, None, None, None, None, None
     if preact is None:
         preact = torch.ops.glu_fusion.swiglu(x, w_gate, w_up, b_gate, b_up, True)[1]
+    if config.backward == "gemm":
+        need_b = ctx.has_bias and (need_bg or need_bu)
+        dx, dws, dbs = _gemm_backward(dout, preact, x, (w_gate, w_up), CONCAT_GATE_FIRST,
+                                      need_x, need_wg or need_wu, need_b)
+        return (dx, *(dws or (None, None)), *(dbs or (None, None)), None)
     dx = torch.ops.glu_fusion.swiglu_dx(dout, preact, w_gate, w_up) if need_x else None
     dwg = dwu = dbg = dbu = None
     if need_wg or need_wu or need_bg or need_bu:
@@ -266,6 +325,10 @@ def _swiglu_packed_backward(ctx, dout, _dpreact):
         return None, None, None, None, None
     if preact is None:
         preact = torch.ops.glu_fusion.swiglu_packed(x, weight, bias, ctx.layout, True)[1]
+    if config.backward == "gemm":
+        dx, dws, dbs = _gemm_backward(dout, preact, x, (weight,), ctx.layout, need_x, need_w,
+                                      ctx.has_bias and need_b)
+        return dx, (dws or (None,))[0], (dbs or (None,))[0], None, None
     dx = dweight = dbias = None
     if need_x:
         w_gate, w_up = packed_views(weight, ctx.layout)
@@ -280,5 +343,5 @@ def _swiglu_packed_backward(ctx, dout, _dpreact):
 
 swiglu_packed.register_autograd(_swiglu_packed_backward, setup_context=_swiglu_packed_setup)
 
-for _name in ("swiglu", "swiglu_packed", "swiglu_dx", "swiglu_dw", "swiglu_packed_dw"):
+for _name in ("swiglu", "swiglu_packed", "swiglu_dx", "swiglu_dh", "swiglu_dw", "swiglu_packed_dw"):
     _common.register_autocast_follow(_name)
