@@ -1,0 +1,150 @@
+"""Gated RMSNorm benchmark on a CUDA device: eager, Inductor default, our op, the copy floor.
+
+``y = rmsnorm(x)·w·silu(z)`` in bf16 (fp32 math, the FLA/torchtitan spelling), timed as the
+median of ``triton.testing.do_bench``.  The floor is the bytes the fused computation must move
+over the measured device-copy bandwidth: forward reads x, z and writes y (3 passes); forward +
+backward adds reading x, z, dy and writing dx, dz (8 passes in all; the forward output itself
+is not needed by backward).  Peak memory is the allocator's peak over the inputs during one
+forward+backward.
+
+    python benchmarks/bench_rms_norm_gated.py --json out.json --md out.md [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from glu_fusion.ops.rms_norm_gated import rms_norm_gated_api
+
+DIMS = (128, 256, 1024)
+ROWS = (32, 4096, 131072, 524288)
+QUICK_ROWS = (4096, 524288)
+EPS = 1e-6
+
+
+def bench(fn: Callable[[], object]) -> float:
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy, bytes read plus written per second."""
+    src = torch.randn(256 * 1024 * 1024, device="cuda")
+    dst = torch.empty_like(src)
+    ms = bench(lambda: dst.copy_(src))
+    return 2 * src.numel() * src.element_size() / (ms * 1e-3)
+
+
+def eager_gated_norm(x, z, w):
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + EPS) * w.float()
+    return (y * F.silu(z.float())).to(x.dtype)
+
+
+def ours(x, z, w):
+    return rms_norm_gated_api(x, z, w, EPS)
+
+
+def peak_mb(fn: Callable[[], object]) -> float:
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def measure(d: int, rows: int, bandwidth: float, variants: dict) -> dict:
+    dtype = torch.bfloat16
+    x = torch.randn(rows, d, device="cuda", dtype=dtype, requires_grad=True)
+    z = torch.randn(rows, d, device="cuda", dtype=dtype, requires_grad=True)
+    w = (1 + 0.1 * torch.randn(d, device="cuda")).to(dtype).requires_grad_()
+    dy = torch.randn(rows, d, device="cuda", dtype=dtype)
+    tensor_bytes = rows * d * x.element_size()
+    row = {"D": d, "rows": rows,
+           "floor_fwd_ms": 3 * tensor_bytes / bandwidth * 1e3,
+           "floor_fwdbwd_ms": 8 * tensor_bytes / bandwidth * 1e3}
+    for name, fn in variants.items():
+        def fwd():
+            with torch.no_grad():
+                return fn(x, z, w)
+
+        def fwdbwd():
+            return torch.autograd.grad(fn(x, z, w), (x, z, w), dy)
+
+        row[f"{name}_fwd_ms"] = bench(fwd)
+        row[f"{name}_fwdbwd_ms"] = bench(fwdbwd)
+        row[f"{name}_peak_mb"] = peak_mb(fwdbwd)
+    return row
+
+
+def make_variants() -> dict:
+    torch._dynamo.reset()
+    return {"eager": eager_gated_norm, "inductor": torch.compile(eager_gated_norm), "ours_op": ours}
+
+
+def markdown(rows: list, env: dict) -> str:
+    names = [k[:-7] for k in rows[0] if k.endswith("_fwd_ms") and not k.startswith("floor")]
+    lines = [f"Gated RMSNorm bf16 `rmsnorm(x)·w·silu(z)` on {env['device']}, torch {env['torch']}, "
+             f"triton {env['triton']}, {env['date']}; copy bandwidth {env['copy_TBps']:.2f} TB/s. "
+             "Median ms; floor = bytes moved / copy bandwidth.", ""]
+    header = "| D | rows | pass | floor | " + " | ".join(names) + " | ours/floor | ours/inductor |"
+    lines += [header, "|" + "---|" * (header.count("|") - 1)]
+    for r in rows:
+        for phase in ("fwd", "fwdbwd"):
+            floor = r[f"floor_{phase}_ms"]
+            cells = [f"{r[f'{nm}_{phase}_ms']:.4f}" for nm in names]
+            mine = r[f"ours_op_{phase}_ms"]
+            lines.append(f"| {r['D']} | {r['rows']} | {phase} | {floor:.4f} | " + " | ".join(cells)
+                         + f" | {mine / floor:.2f} | {mine / r[f'inductor_{phase}_ms']:.2f} |")
+    lines += ["", "Peak memory over inputs during one forward+backward (MB):", "",
+              "| D | rows | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 2)]
+    for r in rows:
+        lines.append(f"| {r['D']} | {r['rows']} | "
+                     + " | ".join(f"{r[f'{nm}_peak_mb']:.1f}" for nm in names) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def environment() -> dict:
+    return {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "date": datetime.date.today().isoformat()}
+
+
+def run(report_rows: list, quick: bool = False) -> dict:
+    """Measure every shape, appending one dict per (D, rows) to ``report_rows``; returns the env."""
+    torch.manual_seed(0)
+    env = environment()
+    env["copy_TBps"] = copy_bandwidth() / 1e12
+    variants = make_variants()
+    for d in DIMS:
+        for rows in (QUICK_ROWS if quick else ROWS):
+            report_rows.append(measure(d, rows, env["copy_TBps"] * 1e12, variants))
+            print(json.dumps(report_rows[-1]), file=sys.stderr, flush=True)
+    return env
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--json", required=True)
+    parser.add_argument("--md", required=True)
+    parser.add_argument("--quick", action="store_true", help="fewer row counts")
+    args = parser.parse_args(argv)
+    rows: list = []
+    env = run(rows, quick=args.quick)
+    with open(args.json, "w") as f:
+        json.dump({"env": env, "rows": rows}, f, indent=1)
+    table = markdown(rows, env)
+    with open(args.md, "w") as f:
+        f.write(table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
