@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import logging
 import threading
+import time
 from collections import Counter
 from typing import Iterator, Optional
 
@@ -46,6 +47,7 @@ class GraphRecord:
 
     index: int
     rewrites: list[Rewrite] = dataclasses.field(default_factory=list)
+    seconds: float = 0.0  #: time the pass took on this graph (pattern registration included)
 
     def counts(self) -> dict[str, int]:
         """Rewrites per family in this graph."""
@@ -79,6 +81,11 @@ class Report:
     def total(self) -> int:
         return len(self.rewrites)
 
+    @property
+    def seconds(self) -> float:
+        """Time the pass spent over all graphs."""
+        return sum(g.seconds for g in self.graphs)
+
     def reset(self) -> None:
         """Forget every record (tests call this between cases)."""
         with self._lock:
@@ -92,9 +99,11 @@ class Report:
             self._graphs.append(record)
         previous = getattr(self._local, "current", None)
         self._local.current = record
+        start = time.perf_counter()
         try:
             yield record
         finally:
+            record.seconds = time.perf_counter() - start
             self._local.current = previous
 
     def add(self, rewrite: Rewrite) -> None:
@@ -110,7 +119,7 @@ class Report:
     def __str__(self) -> str:
         graphs = self.graphs
         lines = [f"glu_fusion rewrite report: {sum(len(g.rewrites) for g in graphs)} rewrite(s) "
-                 f"in {len(graphs)} graph(s)"]
+                 f"in {len(graphs)} graph(s), pass time {1e3 * sum(g.seconds for g in graphs):.1f} ms"]
         for g in graphs:
             counts = ", ".join(f"{k}={v}" for k, v in sorted(g.counts().items())) or "nothing rewritten"
             lines.append(f"  graph {g.index}: {counts}")
