@@ -66,8 +66,9 @@ def measure_shape(k: int, n: int, m: int, bandwidth: float, variants: dict) -> d
     row["floor_fwd_ms"] = bench(lambda: xd @ w_cat.t())
     row["floor_fwdbwd_ms"] = row["floor_fwd_ms"] + bench(lambda: dh @ w_cat) + bench(lambda: dh.t() @ xd)
     row["weight_read_floor_ms"] = 2 * n * k * 2 / bandwidth * 1e3
-    for name, (fn, backward_mode) in variants.items():
+    for name, (fn, backward_mode, tma) in variants.items():
         glu_fusion.config.backward = backward_mode
+        glu_fusion.config.forward_tma = tma
 
         def fwd():
             with torch.no_grad():
@@ -80,7 +81,7 @@ def measure_shape(k: int, n: int, m: int, bandwidth: float, variants: dict) -> d
         row[f"{name}_fwd_ms"] = bench(fwd)
         row[f"{name}_fwdbwd_ms"] = bench(fwdbwd)
         row[f"{name}_peak_mb"] = peak_mb(fwdbwd)
-    glu_fusion.config.backward = "fused"
+    glu_fusion.config.backward, glu_fusion.config.forward_tma = "fused", True
     return row
 
 
@@ -89,17 +90,18 @@ def ours_op(x, wg, wu):
 
 
 def make_variants() -> dict:
-    """name -> (function, SwiGLU backward mode while it runs)."""
+    """name -> (function, SwiGLU backward mode, TMA forward allowed) while it runs."""
     torch._dynamo.reset()
     variants = {
-        "eager": (eager_swiglu, "fused"),
-        "inductor": (torch.compile(eager_swiglu), "fused"),
-        "ours_op": (ours_op, "fused"),
-        "ours_op_gemmbwd": (ours_op, "gemm"),
+        "eager": (eager_swiglu, "fused", True),
+        "inductor": (torch.compile(eager_swiglu), "fused", True),
+        "ours_op": (ours_op, "fused", True),
+        "ours_op_ptrfwd": (ours_op, "fused", False),
+        "ours_op_gemmbwd": (ours_op, "gemm", True),
     }
     backend = getattr(glu_fusion, "backend", None)
     if backend is not None:
-        variants["ours_backend"] = (torch.compile(eager_swiglu, backend=backend), "fused")
+        variants["ours_backend"] = (torch.compile(eager_swiglu, backend=backend), "fused", True)
     return variants
 
 

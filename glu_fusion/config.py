@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["enabled_by_env", "rewrite_devices", "recompute", "backward", "settings_key"]
+__all__ = ["enabled_by_env", "rewrite_devices", "recompute", "forward_tma", "backward", "settings_key"]
 
 
 def _env_flag(name: str, default: bool = False) -> bool:
@@ -34,6 +34,10 @@ rewrite_devices: tuple[str, ...] = _env_list("GLU_FUSION_DEVICES", "cuda")
 #: the ``[M, 2N]`` pre-activations there (less memory, one more GEMM).  Default: save them.
 recompute: bool = _env_flag("GLU_FUSION_RECOMPUTE")
 
+
+#: ``GLU_FUSION_TMA`` (default 1): on Hopper, the SwiGLU forward uses the persistent TMA kernel
+#: where every operand is TMA-addressable and M > 64; ``0`` keeps the pointer kernel everywhere.
+forward_tma: bool = _env_flag("GLU_FUSION_TMA", default=True)
 
 #: ``GLU_FUSION_BACKWARD`` selects how the SwiGLU backward runs on the GPU:
 #: ``fused`` (default): the input-grad and 3D-tiled weight-grad Triton kernels, which compute the

@@ -77,10 +77,13 @@ def _forward(x: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Optional[Tensor],
     x2d = x.reshape(-1, k)
     m = x2d.shape[0]
     if use_kernels(x):
-        from ..kernels import swiglu_forward
+        from ..kernels import swiglu_forward, swiglu_forward_tma, tma_eligible
         out = torch.empty((m, n), device=x.device, dtype=x.dtype)
         preact = torch.empty((m, 2 * n), device=x.device, dtype=x.dtype) if save_preact else None
-        swiglu_forward(x2d, w_gate, w_up, b_gate, b_up, out, preact, _common.allow_tf32())
+        halves = (preact[:, :n], preact[:, n:]) if preact is not None else ()
+        tma = config.forward_tma and m > 64 and k > 0 and tma_eligible(x2d, w_gate, w_up, out, *halves)
+        launch = swiglu_forward_tma if tma else swiglu_forward
+        launch(x2d, w_gate, w_up, b_gate, b_up, out, preact, _common.allow_tf32())
     else:
         g, u = reference.swiglu_preact(x2d, w_gate, w_up, b_gate, b_up)
         out = reference.swiglu_gate(g, u)

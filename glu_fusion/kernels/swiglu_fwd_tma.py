@@ -1,0 +1,113 @@
+"""SwiGLU forward for Hopper: TMA tensor descriptors and a persistent grid.
+
+Same contract as ``swiglu_fwd.swiglu_forward``.  Each of ``NUM_PROGRAMS`` programs (one per
+multiprocessor) walks output tiles in grouped order; operand tiles arrive through the copy
+engine (``TensorDescriptor``), which also zero-fills ragged edges and clips ragged stores, so
+the main loop carries no masks.  Usable only when every tensor is TMA-addressable (unit last
+stride, 16-byte aligned base and row strides); ``tma_eligible`` says so, callers fall back to
+the pointer kernel otherwise.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+from ._launch import interpreting, precision
+from .swiglu_fwd import _swizzle
+
+
+@triton.jit
+def swiglu_fwd_tma_kernel(
+    x_desc, wg_desc, wu_desc, out_desc, g_desc, u_desc, bg_ptr, bu_ptr,
+    M, N, K, stride_bg, stride_bu,
+    HAS_BIAS: tl.constexpr, SAVE_PREACT: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    NUM_PROGRAMS: tl.constexpr, NUM_STAGES: tl.constexpr,
+):
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    for tile in range(tl.program_id(0), num_m * num_n, NUM_PROGRAMS):
+        pid_m, pid_n = _swizzle(tile, num_m, num_n, GROUP_M)
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for ki in tl.range(0, k_tiles, num_stages=NUM_STAGES):
+            off_k = ki * BLOCK_K
+            a = x_desc.load([off_m, off_k])
+            b_g = wg_desc.load([off_n, off_k])
+            b_u = wu_desc.load([off_n, off_k])
+            acc_g = tl.dot(a, b_g.T, acc_g, input_precision=PRECISION)
+            acc_u = tl.dot(a, b_u.T, acc_u, input_precision=PRECISION)
+        if HAS_BIAS:
+            cols = off_n + tl.arange(0, BLOCK_N)
+            mask_n = cols < N
+            acc_g += tl.load(bg_ptr + cols * stride_bg, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            acc_u += tl.load(bu_ptr + cols * stride_bu, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        dtype = out_desc.dtype
+        g = acc_g.to(dtype)
+        u = acc_u.to(dtype)
+        gf = g.to(tl.float32)
+        out_desc.store([off_m, off_n], (gf * tl.sigmoid(gf) * u.to(tl.float32)).to(dtype))
+        if SAVE_PREACT:
+            g_desc.store([off_m, off_n], g)
+            u_desc.store([off_m, off_n], u)
+
+
+def _addressable(t: Tensor) -> bool:
+    size = t.element_size()
+    return (t.dim() == 2 and t.stride(1) == 1 and t.data_ptr() % 16 == 0
+            and (t.stride(0) * size) % 16 == 0)
+
+
+def tma_eligible(*tensors: Optional[Tensor]) -> bool:
+    """Whether the copy engine can address every given 2-D tensor (None entries are skipped)."""
+    if not interpreting():
+        if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9:
+            return False
+    return all(_addressable(t) for t in tensors if t is not None)
+
+
+_GPU_META = {
+    torch.bfloat16: dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, NUM_STAGES=4, num_warps=8),
+    torch.float16: dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, NUM_STAGES=4, num_warps=8),
+    torch.float32: dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, NUM_STAGES=3, num_warps=8),
+}
+_INTERPRETER_META = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=4, NUM_STAGES=1)
+
+
+def _num_programs(tiles: int) -> int:
+    if interpreting():
+        return min(tiles, 3)
+    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    return min(tiles, sms)
+
+
+def swiglu_forward_tma(x: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Optional[Tensor],
+                       b_up: Optional[Tensor], out: Tensor, preact: Optional[Tensor],
+                       allow_tf32: bool) -> None:
+    """Like ``swiglu_forward``; the caller has checked ``tma_eligible`` on every operand."""
+    m, k = x.shape
+    n = w_gate.shape[0]
+    meta = dict(_INTERPRETER_META if interpreting() else _GPU_META[x.dtype])
+    bm, bn, bk = meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"]
+    g = preact[:, :n] if preact is not None else out
+    u = preact[:, n:] if preact is not None else out
+    descs = [TensorDescriptor(t, list(t.shape), list(t.stride()), block)
+             for t, block in ((x, [bm, bk]), (w_gate, [bn, bk]), (w_up, [bn, bk]),
+                              (out, [bm, bn]), (g, [bm, bn]), (u, [bm, bn]))]
+    has_bias = b_gate is not None
+    bg = b_gate if has_bias else out
+    bu = b_up if has_bias else out
+    tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+    programs = _num_programs(tiles)
+    swiglu_fwd_tma_kernel[(programs,)](
+        *descs, bg, bu, m, n, k, bg.stride(0), bu.stride(0),
+        HAS_BIAS=has_bias, SAVE_PREACT=preact is not None, PRECISION=precision(allow_tf32),
+        NUM_PROGRAMS=programs, **meta)
