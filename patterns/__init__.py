@@ -10,7 +10,7 @@ Adding a family is one line: import its module and append its ``FAMILY`` to ``FA
 """
 from __future__ import annotations
 
-from . import _common, swiglu
+from . import _common, rms_norm_gated, swiglu
 from ._common import Family
 
 __all__ = ["FAMILIES", "Family", "register_all", "source_files"]
@@ -18,6 +18,7 @@ __all__ = ["FAMILIES", "Family", "register_all", "source_files"]
 #: Every family, in the order their patterns are tried.
 FAMILIES: list[Family] = [
     swiglu.FAMILY,
+    rms_norm_gated.FAMILY,
 ]
 
 

@@ -25,7 +25,7 @@ from .swiglu_fwd import _swizzle
 def swiglu_fwd_tma_kernel(
     x_desc, wg_desc, wu_desc, out_desc, g_desc, u_desc, bg_ptr, bu_ptr,
     M, N, K, stride_bg, stride_bu,
-    HAS_BIAS: tl.constexpr, SAVE_PREACT: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SAVE_PREACT: tl.constexpr, PRECISION: tl.constexpr, DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     NUM_PROGRAMS: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
@@ -50,11 +50,10 @@ def swiglu_fwd_tma_kernel(
             mask_n = cols < N
             acc_g += tl.load(bg_ptr + cols * stride_bg, mask=mask_n, other=0.0).to(tl.float32)[None, :]
             acc_u += tl.load(bu_ptr + cols * stride_bu, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        dtype = out_desc.dtype
-        g = acc_g.to(dtype)
-        u = acc_u.to(dtype)
+        g = acc_g.to(DTYPE)
+        u = acc_u.to(DTYPE)
         gf = g.to(tl.float32)
-        out_desc.store([off_m, off_n], (gf * tl.sigmoid(gf) * u.to(tl.float32)).to(dtype))
+        out_desc.store([off_m, off_n], (gf * tl.sigmoid(gf) * u.to(tl.float32)).to(DTYPE))
         if SAVE_PREACT:
             g_desc.store([off_m, off_n], g)
             u_desc.store([off_m, off_n], u)
@@ -79,6 +78,7 @@ _GPU_META = {
     torch.float16: dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, NUM_STAGES=4, num_warps=8),
     torch.float32: dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, NUM_STAGES=3, num_warps=8),
 }
+_TL_DTYPE = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 _INTERPRETER_META = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=4, NUM_STAGES=1)
 
 
@@ -110,4 +110,4 @@ def swiglu_forward_tma(x: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Optional
     swiglu_fwd_tma_kernel[(programs,)](
         *descs, bg, bu, m, n, k, bg.stride(0), bu.stride(0),
         HAS_BIAS=has_bias, SAVE_PREACT=preact is not None, PRECISION=precision(allow_tf32),
-        NUM_PROGRAMS=programs, **meta)
+        DTYPE=_TL_DTYPE[x.dtype], NUM_PROGRAMS=programs, **meta)
