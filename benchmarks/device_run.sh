@@ -1,20 +1,25 @@
 #!/usr/bin/env bash
-# Everything the GPU machine runs in one call: GPU tests, then the benchmarks.
-#   bash benchmarks/device_run.sh [tests|bench|quick|all]   (results and logs go to $OUT or ./out)
+# What the GPU machine runs, in one call per stage; results and logs go to $OUT (or ./out).
+#   bash benchmarks/device_run.sh tests   GPU tests (pytest -m gpu)
+#   bash benchmarks/device_run.sh swiglu  SwiGLU benchmark (--quick with a second argument "quick")
+#   bash benchmarks/device_run.sh norm    gated RMSNorm benchmark
+#   bash benchmarks/device_run.sh e2e     end-to-end training step
+#   bash benchmarks/device_run.sh all     everything, in that order
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-out}; mkdir -p "$OUT"
-what=${1:-all}
 if [ -d .whl ]; then python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl; fi
 export PYTHONPATH=/tmp/site:$PWD
 python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . 2>&1 | tail -3
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
-if [ "$what" = tests ] || [ "$what" = all ] || [ "$what" = quick ]; then
-  python3 -m pytest -q -m gpu tests -rs 2>&1 | tee "$OUT/gpu_tests.log" | tail -40
-fi
-if [ "$what" = bench ] || [ "$what" = all ]; then
-  python3 benchmarks/bench_swiglu.py --json "$OUT/swiglu.json" --md "$OUT/swiglu.md" 2>"$OUT/swiglu.err"
-fi
-if [ "$what" = quick ]; then
-  python3 benchmarks/bench_swiglu.py --quick --json "$OUT/swiglu.json" --md "$OUT/swiglu.md" 2>"$OUT/swiglu.err"
-fi
+quick=""; [ "${2:-}" = quick ] && quick="--quick"
+for stage in $( [ "${1:-all}" = all ] && echo tests swiglu norm e2e || echo "$1" ); do
+  start=$(date +%s)
+  case "$stage" in
+    tests) python3 -m pytest -q -m gpu tests -rs -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
+    swiglu) python3 benchmarks/bench_swiglu.py $quick --json "$OUT/swiglu.json" --md "$OUT/swiglu.md" 2>"$OUT/swiglu.err" || tail -20 "$OUT/swiglu.err" ;;
+    norm) python3 benchmarks/bench_rms_norm_gated.py $quick --json "$OUT/norm.json" --md "$OUT/norm.md" 2>"$OUT/norm.err" || tail -20 "$OUT/norm.err" ;;
+    e2e) python3 benchmarks/bench_e2e.py --json "$OUT/e2e.json" --md "$OUT/e2e.md" 2>"$OUT/e2e.err" || tail -20 "$OUT/e2e.err" ;;
+  esac
+  echo "== stage $stage took $(( $(date +%s) - start )) s"
+done
