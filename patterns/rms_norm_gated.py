@@ -1,0 +1,353 @@
+"""The gated RMSNorm family: an fp32 RMSNorm whose input or output is multiplied by ``act(z)``,
+rewritten into ``glu_fusion::rms_norm_gated``.
+
+Matching anchors on the one node every spelling has, ``rsqrt(var + eps)`` (or ``1/sqrt``), or
+on ``F.rms_norm``; ``_walk`` then reads the graph around it:
+
+* upstream: ``var = mean(s², -1, keepdim=True)`` (``pow(2)``, ``s*s``, ``square``), with ``s``
+  an fp32 ``x`` (upcast or not) or ``x · act(z)`` (gate before the norm);
+* downstream from ``s · rstd``, in this order: an optional cast to x's dtype, an optional
+  weight product (``w``, ``w.float()``, ``1 + w``), an optional cast, the gate product
+  ``· act(z)`` (gate after the norm), an optional cast.
+
+The casts found decide the op's rounding flags, so the fused op computes what the eager code
+did within one rounding step.  Left alone: a mean-free (``sum``: L2) norm, a norm in low
+precision, a norm with no gate, a site whose intermediate has another user, anything whose
+output dtype is not x's, and mutations inside the span.
+"""
+from __future__ import annotations
+
+import dataclasses
+import operator
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+from torch._inductor.pattern_matcher import CallFunction, CallMethod, KeywordArg, Match, register_graph_pattern
+
+from glu_fusion import config
+from glu_fusion.report import REPORT, Rewrite, log
+
+from ._common import (REWRITE_DTYPES, Family, copy_meta, fake, ordered_pure_span, same_size, shape_str,
+                      source_line)
+
+NAME = "rms_norm_gated"
+_FP32 = torch.float32
+
+
+def _is(node: object, functions=(), methods=()) -> bool:
+    if not isinstance(node, fx.Node):
+        return False
+    return (node.op == "call_function" and node.target in functions) or \
+        (node.op == "call_method" and node.target in methods)
+
+
+_MUL_F, _MUL_M = (operator.mul, torch.mul), ("mul",)
+_ADD_F, _ADD_M = (operator.add, torch.add), ("add",)
+
+
+def _binary(node, functions, methods) -> Optional[tuple]:
+    if _is(node, functions, methods) and len(node.args) == 2 and not node.kwargs:
+        return node.args
+    return None
+
+
+def _cast(node) -> Optional[tuple[fx.Node, torch.dtype]]:
+    """(source, dtype) for ``t.to(dtype)``, ``t.float()``, ``t.half()``, ``t.bfloat16()``, ``t.type(dtype)``."""
+    if not isinstance(node, fx.Node) or node.op != "call_method" or not node.args:
+        return None
+    named = {"float": torch.float32, "half": torch.float16, "bfloat16": torch.bfloat16}
+    if node.target in named and len(node.args) == 1 and not node.kwargs:
+        return node.args[0], named[node.target]
+    if node.target in ("to", "type"):
+        dtype = node.args[1] if len(node.args) == 2 else node.kwargs.get("dtype")
+        extra = set(node.kwargs) - {"dtype"}
+        if isinstance(dtype, torch.dtype) and not extra and len(node.args) <= 2:
+            return node.args[0], dtype
+    return None
+
+
+def _uncast(node) -> tuple[object, list]:
+    """Strip one cast: (source, [cast node]) or (node, [])."""
+    c = _cast(node)
+    return (c[0], [node]) if c else (node, [])
+
+
+def _act(node) -> Optional[tuple[str, fx.Node]]:
+    """("silu" | "sigmoid", operand) for ``F.silu(t)``, ``torch.sigmoid(t)``, ``t.sigmoid()``."""
+    if _is(node, (F.silu, torch.ops.aten.silu.default)) and len(node.args) == 1 and \
+            set(node.kwargs) <= {"inplace"} and not node.kwargs.get("inplace", False):
+        return "silu", node.args[0]
+    if _is(node, (torch.sigmoid,), ("sigmoid",)) and len(node.args) == 1 and not node.kwargs:
+        return "sigmoid", node.args[0]
+    return None
+
+
+@dataclasses.dataclass
+class _Site:
+    x: fx.Node
+    z: Optional[fx.Node] = None
+    weight: Optional[fx.Node] = None
+    eps: float = 0.0
+    activation: str = "silu"
+    norm_before_gate: bool = True
+    offset: float = 0.0
+    downcast: str = "none"
+    gate_low: bool = False
+    spelling: list = dataclasses.field(default_factory=list)
+    nodes: list = dataclasses.field(default_factory=list)
+    out: Optional[fx.Node] = None
+
+
+def _gate(node, site: _Site) -> Optional[fx.Node]:
+    """``act(z)`` or ``act(z.float())``: records z, the activation and the gate's precision."""
+    found = _act(node)
+    if found is None:
+        return None
+    site.activation, operand = found
+    z, casts = _uncast(operand)
+    tz = fake(z)
+    if tz is None or (casts and _cast(casts[0])[1] != _FP32):
+        return None
+    site.z = z
+    site.gate_low = not casts and tz.dtype != _FP32
+    site.nodes += [node, *casts]
+    return node
+
+
+def _norm_input(s: fx.Node, site: _Site) -> bool:
+    """``s`` is fp32 x, or fp32 ``x · act(z)``; fills x (and z) into the site."""
+    ts = fake(s)
+    if ts is None or ts.dtype != _FP32:
+        return False
+    base, casts = _uncast(s)
+    prod = _binary(base, _MUL_F, _MUL_M)
+    if prod is not None:
+        for a, b in (prod, prod[::-1]):
+            if isinstance(b, fx.Node) and _act(b) is not None:
+                if casts:  # (x · act(z)).float(): the product was in x's dtype
+                    if _gate(b, site) is None or not site.gate_low:
+                        return False
+                elif _gate(b, site) is None:
+                    return False
+                x, x_casts = _uncast(a)
+                site.x, site.norm_before_gate = x, False
+                site.nodes += [*casts, base, *x_casts]
+                site.spelling.append("gate-first")
+                return isinstance(x, fx.Node)
+    site.x = base
+    site.nodes += casts
+    return isinstance(base, fx.Node)
+
+
+def _single_user(node: fx.Node) -> Optional[fx.Node]:
+    return next(iter(node.users)) if len(node.users) == 1 else None
+
+
+def _other(args, node):
+    a, b = args
+    return b if a is node else (a if b is node else None)
+
+
+def _downstream(h: fx.Node, site: _Site) -> None:
+    """Cast, weight, cast, gate, cast after the normalised value ``h``, in that order."""
+    tx = fake(site.x)
+    stage = 0  # 0: before weight, 1: after weight, 2: after gate
+    while True:
+        nxt = _single_user(h)
+        if nxt is None:
+            break
+        c = _cast(nxt)
+        if c is not None and c[0] is h:
+            if c[1] != tx.dtype:
+                break
+            if tx.dtype != _FP32 and site.downcast == "none" and stage < 2:
+                site.downcast = "before_weight" if stage == 0 else "after_weight"
+            site.nodes.append(nxt)
+            h = nxt
+            continue
+        args = _binary(nxt, _MUL_F, _MUL_M)
+        other = _other(args, h) if args else None
+        if not isinstance(other, fx.Node):
+            break
+        if stage == 0 and site.weight is None and _weight(other, site):
+            site.nodes.append(nxt)
+            h, stage = nxt, 1
+            continue
+        if site.norm_before_gate and site.z is None and stage < 2 and _gate(other, site) is not None:
+            site.nodes.append(nxt)
+            h, stage = nxt, 2
+            continue
+        break
+    site.out = h
+
+
+def _weight(node: fx.Node, site: _Site) -> bool:
+    """``w``, ``w.float()``, ``1 + w``, ``w + 1`` with w a ``[D]`` tensor."""
+    added = _binary(node, _ADD_F, _ADD_M)
+    nodes = []
+    offset = 0.0
+    if added is not None:
+        consts = [a for a in added if isinstance(a, (int, float)) and not isinstance(a, bool)]
+        tensors = [a for a in added if isinstance(a, fx.Node)]
+        if len(consts) != 1 or len(tensors) != 1:
+            return False
+        offset, nodes, node = float(consts[0]), [node], tensors[0]
+    w, casts = _uncast(node)
+    tw, tx = fake(w), fake(site.x)
+    if tw is None or tw.dim() != 1 or not same_size(tw.shape[0], tx.shape[-1]) or tw.dtype not in REWRITE_DTYPES:
+        return False
+    site.weight, site.offset = w, offset
+    site.nodes += nodes + casts
+    site.spelling.append("(1+w)" if offset else "w")
+    return True
+
+
+def _from_rsqrt(match: Match) -> Optional[_Site]:
+    anchor = match.output_node()
+    inv = anchor
+    if _is(anchor, (torch.sqrt,), ("sqrt",)):  # 1 / sqrt(v) or sqrt(v).reciprocal()
+        inv = _single_user(anchor)
+        div = _binary(inv, (operator.truediv, torch.div), ("div",)) if inv is not None else None
+        if not ((div and div[0] == 1 and div[1] is anchor) or _is(inv, (torch.reciprocal,), ("reciprocal",))):
+            return None
+    site = _Site(x=anchor)
+    added = _binary(anchor.args[0], _ADD_F, _ADD_M)
+    if added is None:
+        return None
+    var, eps = added if isinstance(added[1], float) else added[::-1]
+    if not isinstance(eps, float) or not _is(var, (torch.mean,), ("mean",)):
+        return None
+    dims = var.args[1:] or (var.kwargs.get("dim"),)
+    if len(dims) != 1 or dims[0] not in (-1, [-1], (-1,)) or var.kwargs.get("keepdim") is not True or \
+            set(var.kwargs) - {"dim", "keepdim"}:
+        return None
+    sq = var.args[0]
+    if _is(sq, (torch.pow,), ("pow",)) and len(sq.args) == 2 and sq.args[1] == 2:
+        s = sq.args[0]
+    elif _is(sq, (torch.square,), ("square",)) and len(sq.args) == 1:
+        s = sq.args[0]
+    else:
+        pair = _binary(sq, _MUL_F, _MUL_M)
+        if pair is None or pair[0] is not pair[1]:
+            return None
+        s = pair[0]
+    prod = _single_user(inv)
+    pargs = _binary(prod, _MUL_F, _MUL_M) if prod is not None else None
+    if not pargs or _other(pargs, inv) is not s:
+        return None
+    site.eps = eps
+    site.nodes += [sq, var, anchor.args[0], anchor] + ([inv] if inv is not anchor else []) + [prod]
+    if not _norm_input(s, site):
+        return None
+    if s is not site.x:
+        site.nodes.append(s)
+    _downstream(prod, site)
+    return site
+
+
+def _from_rms_norm(match: Match) -> Optional[_Site]:
+    node = match.output_node()
+    x, shape = node.args[0], node.args[1]
+    w = node.args[2] if len(node.args) > 2 else node.kwargs.get("weight")
+    eps = node.args[3] if len(node.args) > 3 else node.kwargs.get("eps")
+    tx = fake(x)
+    if tx is None or not isinstance(eps, float) or len(shape) != 1 or not same_size(shape[0], tx.shape[-1]):
+        return None
+    site = _Site(x=x, eps=eps, nodes=[node], spelling=["rms_norm"])
+    if w is not None:
+        tw = fake(w)
+        if tw is None or tw.dtype != tx.dtype:
+            return None
+        site.weight = w
+    site.downcast = "after_weight" if tx.dtype != _FP32 else "none"
+    h = node
+    nxt = _single_user(h)
+    args = _binary(nxt, _MUL_F, _MUL_M) if nxt is not None else None
+    other = _other(args, h) if args else None
+    if not isinstance(other, fx.Node) or _gate(other, site) is None:
+        return None
+    site.nodes.append(nxt)
+    site.out = nxt
+    nxt2 = _single_user(nxt)
+    c = _cast(nxt2) if nxt2 is not None else None
+    if c is not None and c[1] == tx.dtype:
+        site.nodes.append(nxt2)
+        site.out = nxt2
+    return site
+
+
+def _resolve(match: Match, kind: str) -> Optional[_Site]:
+    site = _from_rms_norm(match) if kind == "rms_norm" else _from_rsqrt(match)
+    if site is None or site.z is None or site.out is None:
+        return None
+    tx, tz, ty = fake(site.x), fake(site.z), fake(site.out)
+    if tx is None or tz is None or ty is None or tx.dtype not in REWRITE_DTYPES:
+        return None
+    if tz.dtype != tx.dtype or tz.dim() != tx.dim() or ty.dim() != tx.dim():
+        return None
+    if not all(same_size(a, b) and same_size(a, c) for a, b, c in zip(tx.shape, tz.shape, ty.shape)):
+        return None
+    if ty.dtype != tx.dtype or tx.device.type not in config.rewrite_devices:
+        return None
+    site.nodes = list(dict.fromkeys(site.nodes))
+    inner = set(site.nodes)
+    if site.x in inner or site.z in inner or (site.weight is not None and site.weight in inner):
+        return None
+    for n in site.nodes:
+        if n is not site.out and not set(n.users) <= inner:
+            return None
+    ordered = ordered_pure_span(site.nodes, site.out)
+    if ordered is None:
+        return None
+    site.nodes = ordered
+    return site
+
+
+def _check(match: Match, kind: str) -> bool:
+    try:
+        return _resolve(match, kind) is not None
+    except Exception as err:  # an unforeseen spelling must never break the user's compile
+        log.warning("glu_fusion: gated RMSNorm site at %s left alone: %r",
+                    source_line(match.output_node()) or "?", err)
+        return False
+
+
+def _rewrite(match: Match, kind: str) -> None:
+    site = _resolve(match, kind)
+    if site is None:
+        return
+    graph = site.out.graph
+    args = (site.x, site.z, site.weight, site.eps, None, site.norm_before_gate, site.activation,
+            site.offset, site.downcast, site.gate_low)
+    with graph.inserting_before(site.out):
+        op = graph.call_function(torch.ops.glu_fusion.rms_norm_gated.default, args)
+        out = graph.call_function(operator.getitem, (op, 0))
+    copy_meta(site.out, op, with_value=False)
+    copy_meta(site.out, out)
+    spelling = ", ".join(site.spelling + [site.activation, f"downcast={site.downcast}"]
+                         + (["gate in input dtype"] if site.gate_low else []))
+    tx = fake(site.x)
+    REPORT.add(Rewrite(family=NAME, spelling=spelling, shapes=(f"x{shape_str(site.x)}",),
+                       dtype=str(tx.dtype).replace("torch.", ""), source=source_line(site.out)))
+    site.out.replace_all_uses_with(out)
+    for n in reversed(site.nodes):
+        if not n.users:
+            graph.erase_node(n)
+
+
+def register(pass_) -> None:
+    """Anchor patterns: ``rsqrt``/``sqrt`` in function and method form, and ``F.rms_norm``."""
+    v = KeywordArg("v")
+    anchors = [("rsqrt", CallFunction(torch.rsqrt, v)), ("rsqrt", CallMethod("rsqrt", v)),
+               ("rsqrt", CallFunction(torch.sqrt, v)), ("rsqrt", CallMethod("sqrt", v))]
+    for target in (F.rms_norm, torch.rms_norm):
+        for n in (2, 3, 4):
+            anchors.append(("rms_norm", CallFunction(target, *[KeywordArg(f"a{i}") for i in range(n)])))
+    for kind, pattern in anchors:
+        register_graph_pattern(pattern, extra_check=lambda m, k=kind: _check(m, k),
+                               pass_dict=pass_)(lambda m, *a, k=kind, **kw: _rewrite(m, k))
+
+
+FAMILY = Family(NAME, register, (__file__,))
