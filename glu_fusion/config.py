@@ -36,15 +36,17 @@ recompute: bool = _env_flag("GLU_FUSION_RECOMPUTE")
 
 
 #: ``GLU_FUSION_TMA`` (default 1): on Hopper, the SwiGLU forward uses the persistent TMA kernel
-#: where every operand is TMA-addressable and M > 64; ``0`` keeps the pointer kernel everywhere.
+#: where every operand is TMA-addressable and M >= 2048 (below that the pointer kernel measured
+#: faster); ``0`` keeps the pointer kernel everywhere.
 forward_tma: bool = _env_flag("GLU_FUSION_TMA", default=True)
 
 #: ``GLU_FUSION_BACKWARD`` selects how the SwiGLU backward runs on the GPU:
-#: ``fused`` (default): the input-grad and 3D-tiled weight-grad Triton kernels, which compute the
-#: gate's backward inside their operand loads (no ``[M, 2N]`` gradient buffer);
-#: ``gemm``: one elementwise Triton kernel writes ``dH = [dG | dU]`` in the weight's layout, then
-#: cuBLAS GEMMs compute ``dX = dH·W`` and ``dW = dHᵀ·x``.
-backward: str = os.environ.get("GLU_FUSION_BACKWARD", "fused").strip().lower() or "fused"
+#: ``gemm`` (default): one elementwise Triton kernel writes ``dH = [dG | dU]`` in the weight's
+#: layout, then cuBLAS GEMMs compute ``dX = dH·W`` and ``dW = dHᵀ·x``;
+#: ``fused``: the input-grad and 3D-tiled weight-grad Triton kernels, which compute the gate's
+#: backward inside their operand loads (no ``[M, 2N]`` gradient buffer) but, measured on the H100
+#: (benchmarks/NOTES.md), run 5-6x slower than the GEMM path at large shapes.
+backward: str = os.environ.get("GLU_FUSION_BACKWARD", "gemm").strip().lower() or "gemm"
 if backward not in ("fused", "gemm"):
     raise ValueError(f"GLU_FUSION_BACKWARD must be 'fused' or 'gemm', got {backward!r}")
 

@@ -71,10 +71,13 @@ def test_against_float64_and_eager(layout, m, kn, dtype, bias):
     ref = _grads(problem.oracle, leaves64, dout.double())
     names = ["out", "x"] + [f"w{i}" for i in range(len(problem.weights))] + \
         [f"b{i}" for i in range(len(problem.biases))]
+    # Where eager is far more accurate than the dtype needs (cuBLAS splits short fp32 dot
+    # products), allow the usual bound of a length-K dot product: sqrt(K) unit roundoffs.
+    slack = k ** 0.5 * torch.finfo(dtype).eps / 2
     report = []
     for name, o, e, r in zip(names, ours, eager, ref):
         err, eager_err = rel_error(o, r), rel_error(e, r)
         report.append(f"{name}: ours {err:.2e} eager {eager_err:.2e}")
         assert err <= TOLERANCE[dtype], report
-        assert err <= 2 * eager_err + 1e-6, report
+        assert err <= 2 * eager_err + slack, report
     print(" | ".join(report))

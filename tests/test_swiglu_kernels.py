@@ -17,7 +17,12 @@ pytestmark = pytest.mark.skipif(torch.cuda.is_available(),
 
 @pytest.fixture(autouse=True)
 def interpreter(monkeypatch):
+    """Kernels through the interpreter; the backward through the fused dX/dW kernels unless a
+    test asks for the GEMM mode (the default on GPU)."""
+    from glu_fusion import config
+
     monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(config, "backward", "fused")
     torch.manual_seed(1234)
     yield
 
@@ -167,9 +172,12 @@ def test_gemm_backward_mode(layout, monkeypatch):
 
 @pytest.mark.parametrize("layout", ["separate", "concat", "interleaved_up_first"])
 @pytest.mark.parametrize("bias", [False, True])
-def test_tma_forward(layout, bias):
+def test_tma_forward(layout, bias, monkeypatch):
     """The persistent TMA forward (several tiles per program, ragged edges) matches float64."""
     from glu_fusion.kernels import tma_eligible
+    from glu_fusion.ops import swiglu as swiglu_ops
+
+    monkeypatch.setattr(swiglu_ops, "_TMA_MIN_TOKENS", 1)
 
     problem = make_problem(layout, (70,), 48, 40, torch.float32, bias)
     assert tma_eligible(problem.x, *problem.weights), "the test must exercise the TMA path"

@@ -34,6 +34,10 @@ LAYOUTS = {"concat": CONCAT_GATE_FIRST, "concat_up_first": CONCAT_UP_FIRST,
            "interleaved": INTERLEAVED_GATE_EVEN, "interleaved_up_first": INTERLEAVED_UP_EVEN}
 
 
+# The persistent TMA forward wins from about this many tokens on (H100, benchmarks/NOTES.md).
+_TMA_MIN_TOKENS = 2048
+
+
 def packed_views(t: Tensor, layout: int) -> tuple[Tensor, Tensor]:
     """(gate, up) views along dim 0 of a packed weight ``[2N, K]`` or bias ``[2N]``; no copy."""
     n2 = t.shape[0]
@@ -81,7 +85,8 @@ def _forward(x: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Optional[Tensor],
         out = torch.empty((m, n), device=x.device, dtype=x.dtype)
         preact = torch.empty((m, 2 * n), device=x.device, dtype=x.dtype) if save_preact else None
         halves = (preact[:, :n], preact[:, n:]) if preact is not None else ()
-        tma = config.forward_tma and m > 64 and k > 0 and tma_eligible(x2d, w_gate, w_up, out, *halves)
+        tma = (config.forward_tma and m >= _TMA_MIN_TOKENS and k > 0
+               and tma_eligible(x2d, w_gate, w_up, out, *halves))
         launch = swiglu_forward_tma if tma else swiglu_forward
         launch(x2d, w_gate, w_up, b_gate, b_up, out, preact, _common.allow_tf32())
     else:
