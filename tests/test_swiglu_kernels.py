@@ -177,11 +177,16 @@ def test_tma_forward(layout, bias, monkeypatch):
     from glu_fusion.kernels import tma_eligible
     from glu_fusion.ops import swiglu as swiglu_ops
 
-    monkeypatch.setattr(swiglu_ops, "_TMA_MIN_TOKENS", 1)
+    import glu_fusion.kernels as kernels
 
+    monkeypatch.setattr(swiglu_ops, "_TMA_MIN_TOKENS", 1)
+    calls = []
+    real = kernels.swiglu_forward_tma
+    monkeypatch.setattr(kernels, "swiglu_forward_tma", lambda *a: calls.append(1) or real(*a))
     problem = make_problem(layout, (70,), 48, 40, torch.float32, bias)
     assert tma_eligible(problem.x, *problem.weights), "the test must exercise the TMA path"
     check_against_float64(problem, TOLERANCE[torch.float32])
+    assert calls, "the op did not take the TMA path"
 
 
 def test_tma_forward_writes_every_element():
