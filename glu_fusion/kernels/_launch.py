@@ -1,6 +1,7 @@
 """Launch helpers shared by the kernels: interpreter detection, tile tables, dot precision."""
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -26,3 +27,9 @@ def tile_config(table: dict, dtype: torch.dtype, m: int) -> dict:
     fp32 entries stay inside Hopper's 227 KB of shared memory per program.
     """
     return dict(table[(dtype == torch.float32, m <= 64)])
+
+
+@functools.lru_cache(maxsize=None)
+def multiprocessors(device_index: int) -> int:
+    """Streaming multiprocessors of a CUDA device (cached: the query costs microseconds)."""
+    return torch.cuda.get_device_properties(device_index).multi_processor_count

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._launch import interpreting, precision, tile_config
+from ._launch import interpreting, multiprocessors, precision, tile_config
 
 
 @triton.jit
@@ -191,7 +191,7 @@ def _num_splits(m: int, tiles: int, block_m: int) -> int:
     tiles, never more splits than row blocks."""
     if interpreting():
         return 2 if m > block_m else 1   # exercise the two-stage reduction in CPU tests
-    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    sms = multiprocessors(torch.cuda.current_device())
     want = triton.cdiv(2 * sms, tiles)
     return max(1, min(want, triton.cdiv(m, 4 * block_m), 64))
 

@@ -17,7 +17,7 @@ import triton.language as tl
 from torch import Tensor
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from ._launch import interpreting, precision
+from ._launch import interpreting, multiprocessors, precision
 from .swiglu_fwd import _swizzle
 
 
@@ -85,7 +85,7 @@ _INTERPRETER_META = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=4, NUM_STAG
 def _num_programs(tiles: int) -> int:
     if interpreting():
         return min(tiles, 3)
-    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    sms = multiprocessors(torch.cuda.current_device())
     return min(tiles, sms)
 
 
