@@ -1,8 +1,23 @@
-"""Shared fixtures for the pass tests: rewrite on CPU, a clean report, a Dynamo graph grabber."""
+"""Test-session set-up and shared fixtures for the pass tests.
+
+Without CUDA, Triton's interpreter is switched on before anything imports Triton: it reads
+``TRITON_INTERPRET`` when a ``@triton.jit`` function is decorated, its own library helpers
+included.  The ops read the variable again at each call, so tests that want the plain-torch
+reference path set it to ``0`` while they run.  Inductor's caches are off in this process: a
+cache hit skips the pre-grad pass, and the tests inspect what the pass did (the cache test runs
+its own processes with the cache on).
+"""
 from __future__ import annotations
 
-import pytest
+import os
+
 import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("TORCHINDUCTOR_FORCE_DISABLE_CACHES", "1")
+
+import pytest  # noqa: E402
 
 import glu_fusion
 from glu_fusion.report import REPORT
@@ -10,12 +25,19 @@ from glu_fusion.report import REPORT
 
 @pytest.fixture
 def cpu_rewrites(monkeypatch):
-    """Let the pass rewrite CPU graphs, on the reference path, with a fresh Dynamo and report."""
+    """Let the pass rewrite CPU graphs, on the reference path, with a fresh Dynamo and report.
+
+    Inductor's graph caches are off: a cache hit skips the pass, so the report would stay empty.
+    """
+    import torch._functorch.config
+    import torch._inductor.config
     monkeypatch.setattr(glu_fusion.config, "rewrite_devices", ("cpu",))
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     torch._dynamo.reset()
     REPORT.reset()
-    yield REPORT
+    with torch._inductor.config.patch(fx_graph_cache=False), \
+            torch._functorch.config.patch(enable_autograd_cache=False):
+        yield REPORT
     torch._dynamo.reset()
     REPORT.reset()
 

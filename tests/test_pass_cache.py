@@ -50,6 +50,7 @@ def _run(cache_dir: str, devices: str) -> dict:
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache_dir, GLU_FUSION_DEVICES=devices,
                TORCHINDUCTOR_FX_GRAPH_CACHE="1", TRITON_INTERPRET="0")
     env.pop("GLU_FUSION", None)
+    env.pop("TORCHINDUCTOR_FORCE_DISABLE_CACHES", None)  # set for the test session itself
     done = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
