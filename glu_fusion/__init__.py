@@ -4,6 +4,9 @@ Public API (see README.md):
 
 * ``swiglu(x, w_gate, w_up, bias_gate=None, bias_up=None)`` and
   ``swiglu_packed(x, weight, bias=None, layout="concat")``: differentiable functional ops.
+* ``rms_norm_gated(x, z, weight=None, eps=1e-6, group_size=None, norm_before_gate=True,
+  activation="silu", ...)``: the fused gated RMSNorm.
+* ``backend``, ``enable()``, ``disable()``, ``report()``: the pass and what it rewrote.
 """
 from __future__ import annotations
 
@@ -40,6 +43,11 @@ def swiglu_packed(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
     if layout not in LAYOUTS:
         raise ValueError(f"glu_fusion.swiglu_packed: layout must be one of {sorted(LAYOUTS)}, got {layout!r}")
     return ops.swiglu.swiglu_packed(x, weight, bias, LAYOUTS[layout], not config.recompute)[0]
+
+
+from .ops.rms_norm_gated import rms_norm_gated_api as rms_norm_gated  # noqa: E402
+
+__all__ += ["rms_norm_gated"]
 
 
 # --- turning the pass on, and what it did ---------------------------------------------------------
