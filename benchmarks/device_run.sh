@@ -4,6 +4,7 @@
 #   bash benchmarks/device_run.sh swiglu  SwiGLU benchmark (--quick with a second argument "quick")
 #   bash benchmarks/device_run.sh norm    gated RMSNorm benchmark
 #   bash benchmarks/device_run.sh e2e     end-to-end training step
+#   bash benchmarks/device_run.sh tune    forward-kernel tile/schedule sweep (not part of "all")
 #   bash benchmarks/device_run.sh all     everything, in that order
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -19,6 +20,7 @@ for stage in $( [ "${1:-all}" = all ] && echo tests swiglu norm e2e || echo "$1"
     tests) python3 -m pytest -q -m gpu tests -rs -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
     swiglu) python3 benchmarks/bench_swiglu.py $quick --json "$OUT/swiglu.json" --md "$OUT/swiglu.md" 2>"$OUT/swiglu.err" || tail -20 "$OUT/swiglu.err" ;;
     norm) python3 benchmarks/bench_rms_norm_gated.py $quick --json "$OUT/norm.json" --md "$OUT/norm.md" 2>"$OUT/norm.err" || tail -20 "$OUT/norm.err" ;;
+    tune) python3 benchmarks/tune_swiglu_fwd.py --json "$OUT/tune.json" 2>&1 | tail -80 ;;
     e2e) python3 benchmarks/bench_e2e.py --json "$OUT/e2e.json" --md "$OUT/e2e.md" 2>"$OUT/e2e.err" || tail -20 "$OUT/e2e.err" ;;
   esac
   echo "== stage $stage took $(( $(date +%s) - start )) s"

@@ -27,18 +27,19 @@ def swiglu_fwd_tma_kernel(
     M, N, K, stride_bg, stride_bu,
     HAS_BIAS: tl.constexpr, SAVE_PREACT: tl.constexpr, PRECISION: tl.constexpr, DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    NUM_PROGRAMS: tl.constexpr, NUM_STAGES: tl.constexpr,
+    NUM_PROGRAMS: tl.constexpr, FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
 ):
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
-    for tile in range(tl.program_id(0), num_m * num_n, NUM_PROGRAMS):
+    for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_PROGRAMS, flatten=FLATTEN,
+                         warp_specialize=WARP_SPECIALIZE):
         pid_m, pid_n = _swizzle(tile, num_m, num_n, GROUP_M)
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
         acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for ki in tl.range(0, k_tiles, num_stages=NUM_STAGES):
+        for ki in range(k_tiles):
             off_k = ki * BLOCK_K
             a = x_desc.load([off_m, off_k])
             b_g = wg_desc.load([off_n, off_k])
@@ -73,13 +74,14 @@ def tma_eligible(*tensors: Optional[Tensor]) -> bool:
     return all(_addressable(t) for t in tensors if t is not None)
 
 
+_COMMON = dict(GROUP_M=8, FLATTEN=False, WARP_SPECIALIZE=False)
 _GPU_META = {
-    torch.bfloat16: dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, NUM_STAGES=4, num_warps=8),
-    torch.float16: dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, NUM_STAGES=4, num_warps=8),
-    torch.float32: dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, NUM_STAGES=3, num_warps=8),
+    torch.bfloat16: dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_stages=4, num_warps=8, **_COMMON),
+    torch.float16: dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_stages=4, num_warps=8, **_COMMON),
+    torch.float32: dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_stages=3, num_warps=8, **_COMMON),
 }
 _TL_DTYPE = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
-_INTERPRETER_META = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=4, NUM_STAGES=1)
+_INTERPRETER_META = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=4, FLATTEN=False, WARP_SPECIALIZE=False)
 
 
 def _num_programs(tiles: int) -> int:
@@ -91,11 +93,14 @@ def _num_programs(tiles: int) -> int:
 
 def swiglu_forward_tma(x: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Optional[Tensor],
                        b_up: Optional[Tensor], out: Tensor, preact: Optional[Tensor],
-                       allow_tf32: bool) -> None:
-    """Like ``swiglu_forward``; the caller has checked ``tma_eligible`` on every operand."""
+                       allow_tf32: bool, meta: Optional[dict] = None) -> None:
+    """Like ``swiglu_forward``; the caller has checked ``tma_eligible`` on every operand.
+    ``meta`` overrides the tile table (the tuning script uses it)."""
     m, k = x.shape
     n = w_gate.shape[0]
-    meta = dict(_INTERPRETER_META if interpreting() else _GPU_META[x.dtype])
+    if meta is None:
+        meta = _INTERPRETER_META if interpreting() else _GPU_META[x.dtype]
+    meta = dict(meta)
     bm, bn, bk = meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"]
     g = preact[:, :n] if preact is not None else out
     u = preact[:, n:] if preact is not None else out
