@@ -15,7 +15,7 @@ from torch import fx
 
 from glu_fusion import config
 
-__all__ = ["Family", "fake", "same_size", "declared_kwargs_only", "ordered_pure_span", "common_tensor_kind",
+__all__ = ["Family", "fake", "same_size", "same_shape", "declared_kwargs_only", "ordered_pure_span", "common_tensor_kind",
            "source_line", "copy_meta", "shape_str", "REWRITE_DTYPES"]
 
 #: dtypes the fused ops run their kernels for; other dtypes are left alone.
@@ -52,6 +52,11 @@ def same_size(a: object, b: object) -> bool:
         return bool(statically_known_true(a == b))
     except Exception:  # an expression the shape environment cannot decide
         return False
+
+
+def same_shape(a: Sequence[object], b: Sequence[object]) -> bool:
+    """Shapes provably equal, dimension by dimension (adds no guard)."""
+    return len(a) == len(b) and all(same_size(x, y) for x, y in zip(a, b))
 
 
 def declared_kwargs_only(match: object) -> bool:

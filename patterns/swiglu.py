@@ -31,7 +31,7 @@ from glu_fusion.ops.swiglu import (CONCAT_GATE_FIRST, CONCAT_UP_FIRST, INTERLEAV
 from glu_fusion.report import REPORT, Rewrite, log
 
 from ._common import (Family, common_tensor_kind, copy_meta, declared_kwargs_only, fake,
-                      ordered_pure_span, same_size, shape_str, source_line)
+                      ordered_pure_span, same_shape, same_size, shape_str, source_line)
 
 aten = torch.ops.aten
 NAME = "swiglu"
@@ -42,7 +42,7 @@ NAME = "swiglu"
 _LINEAR = [torch._C._nn.linear, aten.linear.default]
 _MUL = [operator.mul, torch.mul, aten.mul.Tensor]
 _SIGMOID = [torch.sigmoid, aten.sigmoid.default]
-_SILU = [F.silu, aten.silu.default]
+_SILU = [F.silu, aten.silu.default] + ([torch._C._nn.silu] if hasattr(torch._C._nn, "silu") else [])
 
 
 def _products(a, b) -> list:
@@ -81,20 +81,18 @@ def _linear_patterns() -> list:
 
 
 def _splitter_patterns() -> list[tuple[str, object]]:
-    """Two-way splits of the packed projection ``y`` along ``dim``; ``n`` is a count or a size."""
+    """Two-way splits of the packed projection ``y`` along ``dim``; ``n`` is a count or a size.
+    (Matched at their root, so the user count is checked by the caller.)"""
     y, n, dim = KeywordArg("y"), KeywordArg("n"), KeywordArg("dim")
     out = []
     for kind, method, fns in (("chunk", "chunk", [torch.chunk, aten.chunk.default]),
                               ("split", "split", [torch.split, aten.split.Tensor,
                                                   aten.split_with_sizes.default])):
-        out += [(kind, CallMethod(method, y, n, dim, _users=2)),
-                (kind, CallMethod(method, y, n, dim=dim, _users=2)),
-                (kind, CallFunction(fns, y, n, dim, _users=2)),
-                (kind, CallFunction(fns, y, n, dim=dim, _users=2))]
-    out += [("unbind", CallMethod("unbind", y, dim, _users=2)),
-            ("unbind", CallMethod("unbind", y, dim=dim, _users=2)),
-            ("unbind", CallFunction([torch.unbind, aten.unbind.int], y, dim, _users=2)),
-            ("unbind", CallFunction([torch.unbind, aten.unbind.int], y, dim=dim, _users=2))]
+        out += [(kind, CallMethod(method, y, n, dim)), (kind, CallMethod(method, y, n, dim=dim)),
+                (kind, CallFunction(fns, y, n, dim)), (kind, CallFunction(fns, y, n, dim=dim))]
+    unbind = [torch.unbind, aten.unbind.int]
+    out += [("unbind", CallMethod("unbind", y, dim)), ("unbind", CallMethod("unbind", y, dim=dim)),
+            ("unbind", CallFunction(unbind, y, dim)), ("unbind", CallFunction(unbind, y, dim=dim))]
     return out
 
 
@@ -118,8 +116,8 @@ _GETITEM = CallFunction(operator.getitem, KeywordArg("seq"), KeywordArg("index")
 _SLICE = CallFunction(aten.slice.Tensor, KeywordArg("seq"), KeywordArg("dim"), KeywordArg("start"),
                       KeywordArg("end"), KeywordArg("step"), _users=MULTIPLE)
 
-_LINEARS: list = []
-_SPLITTERS: list = []
+_LINEARS = _linear_patterns()
+_SPLITTERS = _splitter_patterns()
 
 
 # --- reading the pieces ----------------------------------------------------------------------------
@@ -216,10 +214,10 @@ def _halves_of_unbind(v, dim, seq, gi, gate, up):
     if not all(same_size(a, b) for a, b in zip(ty.shape[:-1], tv.shape[:-2])):
         return None
     rows, cols = tv.shape[-2], tv.shape[-1]
-    if dim in (-2, tv.dim() - 2) and rows == 2:
+    if dim in (-2, tv.dim() - 2) and same_size(rows, 2):
         layout = CONCAT_GATE_FIRST if gi == 0 else CONCAT_UP_FIRST
         kind = "unbind"
-    elif dim in (-1, tv.dim() - 1) and cols == 2:
+    elif dim in (-1, tv.dim() - 1) and same_size(cols, 2):
         layout = INTERLEAVED_GATE_EVEN if gi == 0 else INTERLEAVED_UP_EVEN
         kind = "unbind interleaved"
     else:
@@ -274,11 +272,11 @@ def _two_linears(gate: fx.Node, up: fx.Node) -> Optional[_Site]:
     if (lg.b is None) != (lu.b is None):  # the op takes both biases or neither
         return None
     tg, tu = fake(lg.w), fake(lu.w)
-    if tg is None or tu is None or tg.dim() != 2 or tuple(tg.shape) != tuple(tu.shape):
+    if tg is None or tu is None or tg.dim() != 2 or not same_shape(tg.shape, tu.shape):
         return None
     for b in (lg.b, lu.b):
         tb = fake(b) if b is not None else None
-        if b is not None and (tb is None or tuple(tb.shape) != (tg.shape[0],)):
+        if b is not None and (tb is None or not same_shape(tb.shape, tg.shape[:1])):
             return None
     spelling = "linear x2" + (" +bias" if lg.b is not None else "")
     return _Site(spelling, lg.x, (lg.w, lu.w), (lg.b, lu.b), None, [gate, up])
@@ -293,12 +291,13 @@ def _packed(gate: fx.Node, up: fx.Node) -> Optional[_Site]:
     if lin is None or len(y.users) != (2 if kind == "interleaved" else 1):
         return None
     tw, ty, tg = fake(lin.w), fake(y), fake(gate)
-    if tw is None or ty is None or tg is None or tw.dim() != 2 or tw.shape[0] % 2:
+    if tw is None or ty is None or tg is None or tw.dim() != 2 or not isinstance(tw.shape[0], int) \
+            or tw.shape[0] % 2:
         return None
     if not same_size(ty.shape[-1], tw.shape[0]) or not same_size(tg.shape[-1] * 2, tw.shape[0]):
         return None
     tb = fake(lin.b) if lin.b is not None else None
-    if lin.b is not None and (tb is None or tuple(tb.shape) != (tw.shape[0],)):
+    if lin.b is not None and (tb is None or not same_shape(tb.shape, tw.shape[:1])):
         return None
     first = "gate-first" if layout in (CONCAT_GATE_FIRST, INTERLEAVED_GATE_EVEN) else "up-first"
     spelling = f"packed {kind} {first}" + (" +bias" if lin.b is not None else "")
@@ -375,9 +374,6 @@ def _rewrite(match: Match, form: str) -> None:
 
 def register(pass_) -> None:
     """Add the anchor patterns to an Inductor ``PatternMatcherPass``."""
-    if not _LINEARS:
-        _LINEARS.extend(_linear_patterns())
-        _SPLITTERS.extend(_splitter_patterns())
     for form, pattern in _anchor_patterns():
         register_graph_pattern(pattern, extra_check=lambda m, f=form: _check(m, f),
                                pass_dict=pass_)(lambda m, *a, f=form, **k: _rewrite(m, f))
