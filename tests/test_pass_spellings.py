@@ -119,9 +119,11 @@ def _linears(graph: torch.fx.Graph) -> list:
     return [n for n in graph.nodes if n.op == "call_function" and n.target is torch._C._nn.linear]
 
 
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+@pytest.mark.parametrize("lead", [(7,), (3, 5)], ids=["2d", "3d"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
-def test_pass_rewrites_each_spelling_once(case, cpu_rewrites, dynamo_graph):
-    gm = dynamo_graph(case.module(), torch.randn(3, 5, K))
+def test_pass_rewrites_each_spelling_once(case, lead, dynamic, cpu_rewrites, dynamo_graph):
+    gm = dynamo_graph(case.module(), torch.randn(*lead, K), dynamic=dynamic)
     GluPass()(gm.graph)
     gm.graph.lint()
     ops = fused_ops(gm.graph)
