@@ -36,6 +36,9 @@ class _HookLoader(importlib.abc.Loader):
     def __init__(self, loader) -> None:
         self._loader = loader
 
+    def __getattr__(self, name):  # get_source, get_code, ... for tracebacks and tools
+        return getattr(self._loader, name)
+
     def create_module(self, spec):
         return self._loader.create_module(spec)
 
@@ -59,9 +62,12 @@ class _OneShotFinder(importlib.abc.MetaPathFinder):
             spec = importlib.machinery.PathFinder.find_spec(fullname, path, target)
             if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
                 spec.loader = _HookLoader(spec.loader)
-            return spec
+                return spec
         except Exception:
-            return None  # let the normal finders handle it
+            pass
+        _log.warning("glu_fusion: GLU_FUSION is set but %s could not be hooked; "
+                     "call glu_fusion.enable() instead", fullname)
+        return None  # let the normal finders load it
 
 
 def autoload() -> None:
