@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 from torch import Tensor
 
 from . import config, ops
@@ -29,7 +30,8 @@ def swiglu(x: Tensor, w_gate: Tensor, w_up: Tensor, bias_gate: Optional[Tensor] 
     pre-activations for backward unless ``config.recompute`` (``GLU_FUSION_RECOMPUTE=1``) is set."""
     if (bias_gate is None) != (bias_up is None):
         raise ValueError("glu_fusion.swiglu: give both bias_gate and bias_up, or neither")
-    return ops.swiglu.swiglu(x, w_gate, w_up, bias_gate, bias_up, not config.recompute)[0]
+    save = _save_preact(x, w_gate, w_up, bias_gate, bias_up)
+    return ops.swiglu.swiglu(x, w_gate, w_up, bias_gate, bias_up, save)[0]
 
 
 def swiglu_packed(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
@@ -42,7 +44,16 @@ def swiglu_packed(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
     """
     if layout not in LAYOUTS:
         raise ValueError(f"glu_fusion.swiglu_packed: layout must be one of {sorted(LAYOUTS)}, got {layout!r}")
-    return ops.swiglu.swiglu_packed(x, weight, bias, LAYOUTS[layout], not config.recompute)[0]
+    save = _save_preact(x, weight, bias)
+    return ops.swiglu.swiglu_packed(x, weight, bias, LAYOUTS[layout], save)[0]
+
+
+def _save_preact(*tensors: Optional[Tensor]) -> bool:
+    """Write the pre-activations only when a backward can need them (and recompute is off):
+    in inference the forward then writes only its output."""
+    if config.recompute or not torch.is_grad_enabled():
+        return False
+    return any(t is not None and t.requires_grad for t in tensors)
 
 
 from .ops.rms_norm_gated import rms_norm_gated_api as rms_norm_gated  # noqa: E402

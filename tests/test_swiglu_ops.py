@@ -144,3 +144,23 @@ def test_gradcheck_gemm_backward(layout, monkeypatch):
     monkeypatch.setattr(config, "backward", "gemm")
     problem = make_problem(layout, (3, 2), 12, 5, torch.float64, bias=True)
     assert torch.autograd.gradcheck(lambda *leaves: problem.run(list(leaves)), problem.leaves)
+
+
+def test_preact_saved_only_when_a_backward_can_need_it(monkeypatch):
+    from glu_fusion import config
+    from glu_fusion.ops import swiglu as swiglu_ops
+
+    seen = []
+    real = swiglu_ops.swiglu
+    monkeypatch.setattr(swiglu_ops, "swiglu", lambda *a: seen.append(a[-1]) or real(*a))
+    x, wg, wu = torch.randn(4, 16), torch.randn(8, 16), torch.randn(8, 16, requires_grad=True)
+    glu_fusion.swiglu(x, wg, wu)
+    with torch.no_grad():
+        glu_fusion.swiglu(x, wg, wu)
+    glu_fusion.swiglu(x, wg, wu.detach())
+    monkeypatch.setattr(config, "recompute", True)
+    out = glu_fusion.swiglu(x, wg, wu)
+    assert seen == [True, False, False, False]
+    (gw,) = torch.autograd.grad(out.sum(), [wu])  # recompute path still differentiates
+    want = torch.autograd.grad(reference.swiglu(x, wg, wu).sum(), [wu])[0]
+    assert rel_error(gw, want) < 1e-5
