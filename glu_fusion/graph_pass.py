@@ -1,8 +1,9 @@
 """``GluPass``: the pre-grad graph pass that rewrites every pattern family into fused ops.
 
 Inductor calls it through ``config.pre_grad_custom_pass`` on each Dynamo graph (and each
-subgraph, e.g. a checkpointed region).  Importing this module is cheap: the pattern matcher and
-the patterns load on the first call, and are registered once per process.
+subgraph, e.g. a checkpointed region).  This module loads ``torch._inductor`` (its base class
+lives there), so the package imports it only when a pass is needed; the pattern matcher and the
+patterns load on the first call and are registered once per process.
 """
 from __future__ import annotations
 

@@ -350,7 +350,10 @@ def _rewrite(match: Match, form: str) -> None:
         return
     anchor = match.output_node()
     graph = anchor.graph
-    save_preact = not config.recompute
+    # Pre-activations are only worth writing when a backward can follow (not under no_grad,
+    # not with frozen weights and inputs) and recomputing is not asked for.
+    traced = fake(anchor)
+    save_preact = not config.recompute and (traced is None or traced.requires_grad)
     with graph.inserting_before(anchor):
         if site.layout is None:
             args = (site.x, *site.weights, *site.biases, save_preact)

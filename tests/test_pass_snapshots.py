@@ -234,6 +234,19 @@ aten.t.default(aten.slice.Tensor)
 aten.mm.default(aten.t.default, aten.view.default)
 return (aten.mm.default, aten.view.default, aten.mm.default)""")
 
+    def test_inference_saves_no_preactivation(self):
+        cap = Captured()
+        with torch.no_grad():
+            torch.compile(SwiGLU(), backend=cap, fullgraph=True)(torch.randn(2, 3, 16))
+        self.assertExpectedInline(cap.pre_grad, """\
+glu_fusion.swiglu.default(in, in, in, None, None, False)
+getitem(glu_fusion.swiglu.default, 0)
+return (getitem)""")
+        self.assertExpectedInline(cap.forward, """\
+glu_fusion.swiglu.default(in, in, in, None, None, False)
+getitem(glu_fusion.swiglu.default, 0)
+return (getitem)""")
+
     def test_geglu_unchanged(self):
         cap = self.run_graphs(GeGLU(), torch.randn(2, 3, 16))
         self.assertExpectedInline(cap.pre_grad, """\
