@@ -11,6 +11,7 @@ during one forward+backward.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from typing import Callable
@@ -25,6 +26,7 @@ SHAPES = [(4096, 14336), (1024, 3072), (2048, 8192)]
 TOKENS = [1, 16, 128, 1024, 4096, 16384]
 QUICK_SHAPES = [(4096, 14336), (1024, 3072)]
 QUICK_TOKENS = [1, 4096, 16384]
+CUDA_GRAPH_MAX_TOKENS = 1024
 # The pass rewrites CUDA graphs only by default; make sure this run measures the rewritten path.
 glu_fusion.config.rewrite_devices = ("cuda",)
 
@@ -54,6 +56,9 @@ def peak_mb(fn: Callable[[], object]) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
+DEFAULTS = {"backward": "gemm", "forward_tma": True, "recompute": False}
+
+
 def measure_shape(k: int, n: int, m: int, bandwidth: float, variants: dict) -> dict:
     dtype = torch.bfloat16
     x = torch.randn(m, k, device="cuda", dtype=dtype, requires_grad=True)
@@ -68,9 +73,9 @@ def measure_shape(k: int, n: int, m: int, bandwidth: float, variants: dict) -> d
     row["floor_fwd_ms"] = bench(lambda: xd @ w_cat.t())
     row["floor_fwdbwd_ms"] = row["floor_fwd_ms"] + bench(lambda: dh @ w_cat) + bench(lambda: dh.t() @ xd)
     row["weight_read_floor_ms"] = 2 * n * k * 2 / bandwidth * 1e3
-    for name, (fn, backward_mode, tma) in variants.items():
-        glu_fusion.config.backward = backward_mode
-        glu_fusion.config.forward_tma = tma
+    for name, (fn, settings) in variants.items():
+        for key, value in {**DEFAULTS, **settings}.items():
+            setattr(glu_fusion.config, key, value)
 
         def fwd():
             with torch.no_grad():
@@ -83,7 +88,8 @@ def measure_shape(k: int, n: int, m: int, bandwidth: float, variants: dict) -> d
         row[f"{name}_fwd_ms"] = bench(fwd)
         row[f"{name}_fwdbwd_ms"] = bench(fwdbwd)
         row[f"{name}_peak_mb"] = peak_mb(fwdbwd)
-    glu_fusion.config.backward, glu_fusion.config.forward_tma = "gemm", True
+    for key, value in DEFAULTS.items():
+        setattr(glu_fusion.config, key, value)
     return row
 
 
@@ -91,40 +97,62 @@ def ours_op(x, wg, wu):
     return glu_fusion.swiglu(x, wg, wu)
 
 
-def make_variants() -> dict:
-    """name -> (function, SwiGLU backward mode, TMA forward allowed) while it runs."""
+def make_variants(m: int) -> dict:
+    """name -> (function, glu_fusion.config settings while it compiles and runs)."""
     torch._dynamo.reset()
+
+    def ours_compiled(**patches):
+        backend = functools.partial(glu_fusion.backend, config_patches=patches) if patches else glu_fusion.backend
+        return torch.compile(eager_swiglu, backend=backend, dynamic=False)
+
     variants = {
-        "eager": (eager_swiglu, "gemm", True),
-        "inductor": (torch.compile(eager_swiglu, dynamic=False), "gemm", True),
-        "ours_op": (ours_op, "gemm", True),
-        "ours_op_ptrfwd": (ours_op, "gemm", False),
-        "ours_op_fusedbwd": (ours_op, "fused", True),
-        "ours_backend": (torch.compile(eager_swiglu, backend=glu_fusion.backend, dynamic=False), "gemm", True),
+        "eager": (eager_swiglu, {}),
+        "inductor": (torch.compile(eager_swiglu, dynamic=False), {}),
+        "ours_backend": (ours_compiled(), {}),
+        "ours_backend_recompute": (ours_compiled(), {"recompute": True}),
+        "ours_op": (ours_op, {}),
+        "ours_op_ptrfwd": (ours_op, {"forward_tma": False}),
+        "ours_op_fusedbwd": (ours_op, {"backward": "fused"}),
     }
+    if m <= CUDA_GRAPH_MAX_TOKENS:  # launch-bound sizes: both sides also with CUDA graphs
+        variants["inductor_cg"] = (torch.compile(eager_swiglu, mode="reduce-overhead", dynamic=False), {})
+        variants["ours_backend_cg"] = (ours_compiled(**{"triton.cudagraphs": True}), {})
     return variants
 
 
 def markdown(rows: list, env: dict) -> str:
-    names = [k[:-7] for k in rows[0] if k.endswith("_fwd_ms") and not k.startswith("floor")]
+    names = []
+    for r in rows:
+        names += [k[:-7] for k in r if k.endswith("_fwd_ms") and not k.startswith("floor") and k[:-7] not in names]
     lines = [f"SwiGLU bf16 on {env['device']}, torch {env['torch']}, triton {env['triton']}, "
-             f"{env['date']}; copy bandwidth {env['copy_TBps']:.2f} TB/s. Times are medians in ms; "
-             "ratio = ours_op / inductor (below 1 is faster).", ""]
-    header = "| K→N | M | pass | floor | " + " | ".join(names) + " | ours/floor | ours/inductor |"
+             f"{env['date']}; copy bandwidth {env['copy_TBps']:.2f} TB/s. Medians in ms. floor: one cuBLAS "
+             "GEMM x·[Wg;Wu]ᵀ (fwd) or the three GEMMs of fwd+bwd; wread: weight bytes over copy "
+             "bandwidth. ours = ours_backend (pass + ops); ratios below 1 mean faster. cg = CUDA graphs.", ""]
+    ratio_cols = ["ours/floor", "ours/wread", "ours/inductor", "ours_cg/inductor_cg"]
+    header = "| K→N | M | pass | floor | wread | " + " | ".join(names) + " | " + " | ".join(ratio_cols) + " |"
     lines += [header, "|" + "---|" * (header.count("|") - 1)]
+
+    def cell(r, key, fmt="{:.3f}"):
+        return fmt.format(r[key]) if key in r else "–"
+
     for r in rows:
         for phase, floor_key in (("fwd", "floor_fwd_ms"), ("fwdbwd", "floor_fwdbwd_ms")):
-            floor = r[floor_key]
-            if phase == "fwd" and r["M"] <= 16:
-                floor = max(floor, r["weight_read_floor_ms"])
-            cells = [f"{r[f'{nm}_{phase}_ms']:.3f}" for nm in names]
-            ours = r[f"ours_op_{phase}_ms"]
-            lines.append(f"| {r['K']}→{r['N']} | {r['M']} | {phase} | {floor:.3f} | " + " | ".join(cells)
-                         + f" | {ours / floor:.2f} | {ours / r[f'inductor_{phase}_ms']:.2f} |")
+            ours = r[f"ours_backend_{phase}_ms"]
+            wread = r["weight_read_floor_ms"] if phase == "fwd" else None
+            ratios = [f"{ours / r[floor_key]:.2f}", f"{ours / wread:.2f}" if wread else "–",
+                      f"{ours / r[f'inductor_{phase}_ms']:.2f}",
+                      f"{r[f'ours_backend_cg_{phase}_ms'] / r[f'inductor_cg_{phase}_ms']:.2f}"
+                      if f"inductor_cg_{phase}_ms" in r else "–"]
+            lines.append(f"| {r['K']}→{r['N']} | {r['M']} | {phase} | {r[floor_key]:.3f} | "
+                         f"{f'{wread:.3f}' if wread else '–'} | "
+                         + " | ".join(cell(r, f"{nm}_{phase}_ms") for nm in names) + " | " + " | ".join(ratios) + " |")
     lines += ["", "Peak memory over inputs during one forward+backward (MB):", "",
-              "| K→N | M | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 2)]
+              "| K→N | M | " + " | ".join(names) + " | ours/inductor | ours_recompute/inductor |",
+              "|" + "---|" * (len(names) + 4)]
     for r in rows:
-        lines.append(f"| {r['K']}→{r['N']} | {r['M']} | " + " | ".join(f"{r[f'{nm}_peak_mb']:.0f}" for nm in names) + " |")
+        ind = max(r["inductor_peak_mb"], 1e-9)
+        lines.append(f"| {r['K']}→{r['N']} | {r['M']} | " + " | ".join(cell(r, f"{nm}_peak_mb", "{:.0f}") for nm in names)
+                     + f" | {r['ours_backend_peak_mb'] / ind:.2f} | {r['ours_backend_recompute_peak_mb'] / ind:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -149,7 +177,7 @@ def main(argv=None) -> int:
     for k, n in shapes:
         for m in tokens:
             # Fresh compiled functions per shape: no recompile limit, no dynamic-shape fallback.
-            rows.append(measure_shape(k, n, m, env["copy_TBps"] * 1e12, make_variants()))
+            rows.append(measure_shape(k, n, m, env["copy_TBps"] * 1e12, make_variants(m)))
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     with open(args.json, "w") as f:
         json.dump({"env": env, "rows": rows}, f, indent=1)
