@@ -59,6 +59,7 @@ NEGATIVE = {
     "intermediate_returned": lambda m, x: (lambda g: (F.silu(g) * F.linear(x, m.wu), g))(F.linear(x, m.wg)),
     "packed_output_used_elsewhere": lambda m, x: (lambda y: (lambda g, u: F.silu(g) * u)(*y.chunk(2, -1)) + y.sum())(
         F.linear(x, m.w)),
+    "packed_half_used_elsewhere": lambda m, x: (lambda g, u: F.silu(g) * u + u)(*F.linear(x, m.w).chunk(2, -1)),
     "mutation_between": _mutated_between,
     "mutated_up": _mutated_up,
     # [..., 1] * [..., 2N-1] broadcasts, so eager accepts these unequal halves
