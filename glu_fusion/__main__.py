@@ -1,7 +1,8 @@
 """``python -m glu_fusion``: compile a model through the pass and show what it did.
 
     python -m glu_fusion                       the built-in Llama-style demo model
-    python -m glu_fusion inspect PKG.MOD:FN    FN() returns (model, inputs); inputs a tuple of args
+    python -m glu_fusion inspect PKG.MOD:FN    FN() returns (model, inputs), inputs a tuple of
+                                               args, or a model with an example_inputs attribute
 
 Both compile with ``glu_fusion.backend``, print the rewrite report, and check the output and every
 parameter gradient against eager (exit status 1 on a mismatch).  On a GPU the demo also prints the
@@ -32,6 +33,8 @@ def _allow_cpu_if_needed(device: str) -> None:
 
 
 def _load_factory(spec: str):
+    """``(model, inputs)`` from ``MODULE:FACTORY``; the factory returns that pair, or a model
+    carrying ``example_inputs`` (a tuple, or a function returning one)."""
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise SystemExit(f"inspect: expected MODULE:FACTORY, got {spec!r}")
@@ -39,10 +42,14 @@ def _load_factory(spec: str):
     for part in attr.split("."):
         factory = getattr(factory, part)
     made = factory()
+    if isinstance(made, torch.nn.Module) and hasattr(made, "example_inputs"):
+        inputs = made.example_inputs
+        made = (made, inputs() if callable(inputs) else inputs)
     if not (isinstance(made, tuple) and len(made) == 2 and isinstance(made[0], torch.nn.Module)):
-        raise SystemExit(f"inspect: {spec}() must return (model, inputs), got {type(made).__name__}")
+        raise SystemExit(f"inspect: {spec}() must return (model, inputs) or a model with an "
+                         f"example_inputs attribute, got {type(made).__name__}")
     model, inputs = made
-    return model, (inputs if isinstance(inputs, (tuple, list)) else (inputs,))
+    return model, (tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,))
 
 
 def _device_of(model: torch.nn.Module) -> str:

@@ -150,9 +150,21 @@ def test_main_inspect_factory(cpu_rewrites, capsys):
     assert "swiglu=1" in out and "-> OK" in out
 
 
+def model_with_example_inputs():
+    model = MLP()
+    model.example_inputs = lambda: (torch.randn(2, 16),)
+    return model
+
+
+def test_main_inspect_model_with_example_inputs(cpu_rewrites, capsys):
+    from glu_fusion.__main__ import main
+    assert main(["inspect", "test_entry_points:model_with_example_inputs", "--no-timing"]) == 0
+    assert "swiglu=1" in capsys.readouterr().out
+
+
 def test_main_inspect_rejects_a_bad_factory(cpu_rewrites):
     from glu_fusion.__main__ import main
     with pytest.raises(SystemExit, match="MODULE:FACTORY"):
         main(["inspect", "no_colon_here"])
-    with pytest.raises(SystemExit, match=r"must return \(model, inputs\)"):
+    with pytest.raises(SystemExit, match=r"must return \(model, inputs\) or a model with"):
         main(["inspect", "test_entry_points:MLP"])
