@@ -27,7 +27,8 @@ class Rewrite:
 
     ``family``: the pattern family (``"swiglu"``, ...); ``spelling``: how the user's code wrote it;
     ``shapes``: the input and weight shapes as strings; ``dtype``: the input dtype;
-    ``source``: ``file:line  code`` of the user's line, when the graph carries it.
+    ``source``: ``file:line  code`` of the user's line, when the graph carries it;
+    ``module``: the qualified name of the innermost module the site sits in (``layers.0.mlp``).
     """
 
     family: str
@@ -35,9 +36,11 @@ class Rewrite:
     shapes: tuple[str, ...]
     dtype: str
     source: Optional[str] = None
+    module: Optional[str] = None
 
     def line(self) -> str:
-        where = f"  at {self.source}" if self.source else ""
+        where = f" in {self.module}" if self.module else ""
+        where += f"  at {self.source}" if self.source else ""
         return f"{self.family}: {self.spelling} {' '.join(self.shapes)} {self.dtype}{where}"
 
 

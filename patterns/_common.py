@@ -16,7 +16,7 @@ from torch import fx
 from glu_fusion import config
 
 __all__ = ["Family", "fake", "same_size", "same_shape", "declared_kwargs_only", "ordered_pure_span", "common_tensor_kind",
-           "source_line", "copy_meta", "shape_str", "REWRITE_DTYPES"]
+           "source_line", "module_path", "copy_meta", "shape_str", "REWRITE_DTYPES"]
 
 #: dtypes the fused ops run their kernels for; other dtypes are left alone.
 REWRITE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -153,6 +153,21 @@ def source_line(node: fx.Node) -> Optional[str]:
         return None
     path, line, code = frames[-1]
     return f"{path}:{line}  {code.strip()}"
+
+
+def module_path(node: fx.Node) -> Optional[str]:
+    """Qualified name of the innermost ``nn.Module`` the node was traced in, if recorded."""
+    stack = node.meta.get("nn_module_stack")
+    if not isinstance(stack, dict) or not stack:
+        return None
+    entry = list(stack.values())[-1]
+    path = entry[0] if isinstance(entry, tuple) and entry else None
+    if not isinstance(path, str):
+        return None
+    path = re.sub(r"\[['\"]?([^\]'\"]+)['\"]?\]", r".\1", path)  # L['self'].a[0] -> L.self.a.0
+    path = re.sub(r"(^|\.)_modules\.", r"\1", path)
+    path = re.sub(r"^L\.self\.?|^self\.?", "", path)
+    return path or None
 
 
 def copy_meta(src: fx.Node, dst: fx.Node, with_value: bool = True) -> None:

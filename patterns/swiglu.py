@@ -30,7 +30,7 @@ from glu_fusion.ops.swiglu import (CONCAT_GATE_FIRST, CONCAT_UP_FIRST, INTERLEAV
                                    INTERLEAVED_UP_EVEN)
 from glu_fusion.report import REPORT, Rewrite, log
 
-from ._common import (Family, common_tensor_kind, copy_meta, declared_kwargs_only, fake,
+from ._common import (Family, common_tensor_kind, copy_meta, declared_kwargs_only, fake, module_path,
                       ordered_pure_span, same_shape, same_size, shape_str, source_line)
 
 aten = torch.ops.aten
@@ -369,7 +369,7 @@ def _rewrite(match: Match, form: str) -> None:
         family=NAME, spelling=site.spelling,
         shapes=(f"x{shape_str(site.x)}", *(f"w{shape_str(w)}" for w in site.weights)),
         dtype=str(tx.dtype).replace("torch.", "") if tx is not None else "?",
-        source=source_line(anchor)))
+        source=source_line(anchor), module=module_path(anchor)))
     anchor.replace_all_uses_with(out)
     match.nodes = site.nodes
     match.erase_nodes()

@@ -32,7 +32,7 @@ def test_report_records_logs_and_resets(cpu_rewrites, dynamo_graph, caplog):
     assert record.counts() == {"swiglu": 1} and record.seconds > 0
     [rewrite] = record.rewrites
     assert rewrite == Rewrite("swiglu", "linear x2, silu(g)*u", ("x[2,5,16]", "w[24,16]", "w[24,16]"),
-                              "float32", rewrite.source)
+                              "float32", rewrite.source, module=None)
     assert rewrite.source.endswith("return F.silu(self.gate(x)) * self.up(x)  # the line the report points at")
     assert "test_pass_report.py:" in rewrite.source
     [line] = [r.getMessage() for r in caplog.records if r.name == "glu_fusion"]
@@ -42,6 +42,22 @@ def test_report_records_logs_and_resets(cpu_rewrites, dynamo_graph, caplog):
     assert cpu_rewrites.counts() == {"swiglu": 1} and cpu_rewrites.total == 1
     cpu_rewrites.reset()
     assert cpu_rewrites.graphs == [] and cpu_rewrites.total == 0
+
+
+def test_report_names_the_module_of_each_site(cpu_rewrites):
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList(nn.ModuleDict({"mlp": MLP()}) for _ in range(2))
+
+        def forward(self, x):
+            for block in self.blocks:
+                x = x + block["mlp"](x)[..., :16]
+            return x
+
+    torch.compile(Model(), backend=glu_fusion.backend)(torch.randn(3, 16))
+    assert sorted(r.module for r in cpu_rewrites.rewrites) == ["blocks.0.mlp", "blocks.1.mlp"]
+    assert "in blocks.0.mlp" in str(cpu_rewrites)
 
 
 def test_graph_without_rewrites_is_recorded_as_such(cpu_rewrites, dynamo_graph):
