@@ -35,6 +35,7 @@ def cpu_rewrites(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     torch._dynamo.reset()
     REPORT.reset()
+    torch.manual_seed(0)
     with torch._inductor.config.patch(fx_graph_cache=False), \
             torch._functorch.config.patch(enable_autograd_cache=False):
         yield REPORT

@@ -144,28 +144,37 @@ def test_pass_rewrites_each_spelling_once(case, lead, dynamic, cpu_rewrites, dyn
     assert rewrite.source and "test_pass_spellings.py" in rewrite.source
 
 
-def train_step_matches(module: nn.Module, x: torch.Tensor, atol: float, rtol: float, **compile_kw):
+def _close(got, expected, tol, name):
+    """Elementwise within ``tol`` of the tensor's largest magnitude: low-precision eager rounds
+    every step of the gate, the op rounds once, so single small elements of a sum may differ
+    by a few percent of the scale while neither is wrong."""
+    scale = expected.detach().float().abs().max().item()
+    torch.testing.assert_close(got, expected, atol=tol * max(scale, 1e-3), rtol=tol,
+                               msg=lambda m: f"{name}: {m}")
+
+
+def train_step_matches(module: nn.Module, x: torch.Tensor, tol: float, **compile_kw):
     """One forward/backward compiled with the backend against eager: output, x grad, every
     parameter grad.  Returns the compiled output."""
     eager, compiled_module = module, copy.deepcopy(module)
     xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
     expected = eager(xe)
     got = torch.compile(compiled_module, backend=glu_fusion.backend, **compile_kw)(xc)
-    torch.testing.assert_close(got, expected, atol=atol, rtol=rtol)
+    _close(got, expected, tol, "output")
     grad = torch.randn_like(expected)
     expected.backward(grad)
     got.backward(grad)
-    torch.testing.assert_close(xc.grad, xe.grad, atol=atol, rtol=rtol)
+    _close(xc.grad, xe.grad, tol, "x")
+    compiled_params = dict(compiled_module.named_parameters())
     for name, p in eager.named_parameters():
-        q = dict(compiled_module.named_parameters())[name]
-        torch.testing.assert_close(q.grad, p.grad, atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
+        _close(compiled_params[name].grad, p.grad, tol, name)
     return got
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_compiled_training_step_equals_eager(case, cpu_rewrites):
     shape = (4, K) if case.name.endswith(("mul", "chunk", "interleaved")) else (2, 3, K)
-    train_step_matches(case.module(seed=1), torch.randn(*shape), atol=1e-5, rtol=1e-5)
+    train_step_matches(case.module(seed=1), torch.randn(*shape), tol=1e-5)
     assert cpu_rewrites.counts() == {"swiglu": 1}
 
 
@@ -177,7 +186,7 @@ LOW_PRECISION = [c for c in CASES if c.name in ("silu_mul", "bias", "chunk_bias"
 @pytest.mark.parametrize("case", LOW_PRECISION, ids=lambda c: c.name)
 def test_low_precision_training_step(case, dtype, cpu_rewrites):
     module = case.module(seed=2).to(dtype)
-    got = train_step_matches(module, torch.randn(2, 3, K, dtype=dtype), atol=3e-2, rtol=3e-2)
+    got = train_step_matches(module, torch.randn(2, 3, K, dtype=dtype), tol=2e-2)
     assert got.dtype == dtype
     [rewrite] = cpu_rewrites.rewrites
     assert rewrite.dtype == str(dtype).replace("torch.", "")
