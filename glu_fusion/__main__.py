@@ -98,7 +98,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             parser.error("inspect needs MODULE:FACTORY")
         model, inputs = _load_factory(args.factory)
         return _run(model, inputs, timing=not args.no_timing)
-    dtype = _DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if args.device == "cuda" else torch.float32)
+    default_dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    dtype = _DTYPES[args.dtype] if args.dtype else default_dtype
     cfg = demo.DemoConfig(layers=args.layers)
     model, inputs = demo.build(args.device, dtype, cfg)
     print(f"demo: Llama-style model, {cfg.layers} layers, dim {cfg.dim}, MLP hidden {cfg.hidden}, "

@@ -161,7 +161,8 @@ def check(model: nn.Module, inputs: Sequence[Any], backend: Callable,
     got = compiled(*inputs)
     _loss(got).backward()
     compile_seconds = time.perf_counter() - start
-    out_err = max((_rel_error(g, e) for g, e in zip(_float_leaves(got), _float_leaves(expected))), default=0.0)
+    pairs = zip(_float_leaves(got), _float_leaves(expected))
+    out_err = max((_rel_error(g, e) for g, e in pairs), default=0.0)
     grads = dict(compiled_model.named_parameters())
     worst, worst_name = 0.0, "-"
     for name, p in eager.named_parameters():

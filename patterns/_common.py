@@ -15,8 +15,8 @@ from torch import fx
 
 from glu_fusion import config
 
-__all__ = ["Family", "fake", "same_size", "same_shape", "declared_kwargs_only", "ordered_pure_span", "common_tensor_kind",
-           "source_line", "module_path", "copy_meta", "shape_str", "REWRITE_DTYPES"]
+__all__ = ["Family", "fake", "same_size", "same_shape", "declared_kwargs_only", "ordered_pure_span",
+           "common_tensor_kind", "source_line", "module_path", "copy_meta", "shape_str", "REWRITE_DTYPES"]
 
 #: dtypes the fused ops run their kernels for; other dtypes are left alone.
 REWRITE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

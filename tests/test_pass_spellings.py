@@ -96,7 +96,8 @@ CASES = [
          packed=True, layout=1, spelling="packed chunk up-first"),
     Case("split", lambda m, x: (lambda g, u: F.silu(g) * u)(*lin(x, m.w, m.b).split(N, -1)),
          packed=True, layout=0, spelling="packed split gate-first"),
-    Case("split_sizes", lambda m, x: (lambda g, u: _gsig(g) * u)(*torch.split(lin(x, m.w, m.b), [N, N], dim=-1)),
+    Case("split_sizes",
+         lambda m, x: (lambda g, u: _gsig(g) * u)(*torch.split(lin(x, m.w, m.b), [N, N], dim=-1)),
          packed=True, layout=0),
     Case("unbind_view", lambda m, x: (lambda gu: F.silu(gu[0]) * gu[1])(
         lin(x, m.w, m.b).view(*x.shape[:-1], 2, N).unbind(-2)), packed=True, layout=0,
@@ -106,8 +107,8 @@ CASES = [
         spelling="packed unbind interleaved gate-first +bias"),
     Case("interleaved", lambda m, x: (lambda y: F.silu(y[..., ::2]) * y[..., 1::2])(lin(x, m.w, m.b)),
          packed=True, layout=2, spelling="packed interleaved gate-first"),
-    Case("interleaved_up_even", lambda m, x: (lambda y: y[..., 0::2] * F.silu(y[..., 1::2]))(lin(x, m.w, m.b)),
-         packed=True, bias=True, layout=3, spelling="packed interleaved up-first +bias"),
+    Case("interleaved_up_even",
+         lambda m, x: (lambda y: y[..., 0::2] * F.silu(y[..., 1::2]))(lin(x, m.w, m.b)), packed=True, bias=True, layout=3, spelling="packed interleaved up-first +bias"),
 ]
 
 
