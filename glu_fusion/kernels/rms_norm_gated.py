@@ -280,12 +280,19 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+_WORKSPACE_BYTES = 16 << 20
+
+
 def _programs(x: Tensor, row_blocks: int, n_groups: int) -> int:
-    """Row programs per group: enough to fill the device a few times over, no more, so the
-    fp32 weight-gradient workspace stays small."""
+    """Row programs per group.  One program per row block keeps many loads in flight (a few
+    programs walking many blocks each left the D=128 backward latency-bound: 1.10 ms against
+    Inductor's 0.67 at 524288 rows, benchmarks/NOTES.md); the fp32 weight-gradient workspace
+    ``[programs, D]`` caps that at about 16 MB, and never fewer than four waves of programs."""
     if interpreting() or not x.is_cuda:
         return min(row_blocks, 2)
-    return max(1, min(row_blocks, 4 * _sm_count(x.device.index or 0) // n_groups))
+    d = x.shape[-1]
+    cap = max(4 * _sm_count(x.device.index or 0) // n_groups, _WORKSPACE_BYTES // (4 * d))
+    return max(1, min(row_blocks, cap))
 
 
 def rms_norm_gated_backward(dy: Tensor, x: Tensor, z: Tensor, weight: Optional[Tensor], rstd: Tensor,
@@ -305,7 +312,7 @@ def rms_norm_gated_backward(dy: Tensor, x: Tensor, z: Tensor, weight: Optional[T
     (sdo, sdi), (sxo, sxi), (szo, szi), (sgo, sgi) = strides
     n_groups = d // group
     block_n = triton.next_power_of_2(group)
-    block_m, warps = _tile(block_n, m, 2048)
+    block_m, warps = _tile(block_n, m, 4096)
     progs = _programs(x, triton.cdiv(m, block_m), n_groups)
     ws = torch.empty((progs, d), device=x.device, dtype=torch.float32) if need_weight else rstd
     w = weight if has_w else x
