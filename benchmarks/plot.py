@@ -1,0 +1,74 @@
+"""Plots from the benchmark JSON files: our time relative to Inductor's and to the floor.
+
+    python benchmarks/plot.py --swiglu swiglu.json --norm norm.json --out DIR
+
+Writes ``swiglu.png`` and ``rms_norm_gated.png``: one bar group per shape, bars for
+forward and forward+backward, y = time / Inductor time (below 1: we are faster).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _bars(ax, labels, series, title):
+    width = 0.8 / len(series)
+    for i, (name, values) in enumerate(series.items()):
+        ax.bar([x + i * width for x in range(len(labels))], values, width, label=name)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_yscale("log")
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(labels))], labels, rotation=60, ha="right",
+                  fontsize=7)
+    ax.set_ylabel("time / Inductor time")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+
+
+def plot_swiglu(path: str, out: str) -> None:
+    data = json.load(open(path))
+    rows, env = data["rows"], data["env"]
+    labels = [f"{r['K']}→{r['N']} M={r['M']}" for r in rows]
+    series = {f"ours {ph}": [r[f"ours_backend_{ph}_ms"] / r[f"inductor_{ph}_ms"] for r in rows]
+              for ph in ("fwd", "fwdbwd")}
+    series["floor fwd"] = [r["floor_fwd_ms"] / r["inductor_fwd_ms"] for r in rows]
+    fig, ax = plt.subplots(figsize=(12, 4.5))
+    _bars(ax, labels, series, f"SwiGLU bf16, {env['device']}, torch {env['torch']}, triton {env['triton']}, {env['date']}")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "swiglu.png"), dpi=110)
+
+
+def plot_norm(path: str, out: str) -> None:
+    data = json.load(open(path))
+    rows, env = data["rows"], data["env"]
+    labels = [f"D={r['D']} rows={r['rows']}" for r in rows]
+    series = {f"ours {ph}": [r[f"ours_op_{ph}_ms"] / r[f"inductor_{ph}_ms"] for r in rows]
+              for ph in ("fwd", "fwdbwd")}
+    series["floor fwd"] = [r["floor_fwd_ms"] / r["inductor_fwd_ms"] for r in rows]
+    fig, ax = plt.subplots(figsize=(12, 4.5))
+    _bars(ax, labels, series, f"Gated RMSNorm bf16, {env['device']}, torch {env['torch']}, {env['date']}")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "rms_norm_gated.png"), dpi=110)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--swiglu")
+    parser.add_argument("--norm")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    if args.swiglu:
+        plot_swiglu(args.swiglu, args.out)
+    if args.norm:
+        plot_norm(args.norm, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
