@@ -15,8 +15,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import config, ops
-from .ops.swiglu import LAYOUTS
+from . import config
 
 __version__ = "0.1.0"
 
@@ -28,10 +27,12 @@ def swiglu(x: Tensor, w_gate: Tensor, w_up: Tensor, bias_gate: Optional[Tensor] 
     """``silu(x @ w_gate.T + bias_gate) * (x @ w_up.T + bias_up)`` for ``x`` of shape ``[..., K]``
     and weights ``[N, K]``; differentiable in every argument.  Saves the ``[M, 2N]``
     pre-activations for backward unless ``config.recompute`` (``GLU_FUSION_RECOMPUTE=1``) is set."""
+    from .ops import swiglu as swiglu_ops
+
     if (bias_gate is None) != (bias_up is None):
         raise ValueError("glu_fusion.swiglu: give both bias_gate and bias_up, or neither")
     save = _save_preact(x, w_gate, w_up, bias_gate, bias_up)
-    return ops.swiglu.swiglu(x, w_gate, w_up, bias_gate, bias_up, save)[0]
+    return swiglu_ops.swiglu(x, w_gate, w_up, bias_gate, bias_up, save)[0]
 
 
 def swiglu_packed(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
@@ -42,10 +43,13 @@ def swiglu_packed(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
     ``"interleaved"``: gate rows at even indices (``y[..., ::2]``), up rows at odd ones.
     ``"concat_up_first"`` and ``"interleaved_up_first"`` put the up half first.
     """
-    if layout not in LAYOUTS:
-        raise ValueError(f"glu_fusion.swiglu_packed: layout must be one of {sorted(LAYOUTS)}, got {layout!r}")
+    from .ops import swiglu as swiglu_ops
+
+    if layout not in swiglu_ops.LAYOUTS:
+        raise ValueError(f"glu_fusion.swiglu_packed: layout must be one of {sorted(swiglu_ops.LAYOUTS)}, "
+                         f"got {layout!r}")
     save = _save_preact(x, weight, bias)
-    return ops.swiglu.swiglu_packed(x, weight, bias, LAYOUTS[layout], save)[0]
+    return swiglu_ops.swiglu_packed(x, weight, bias, swiglu_ops.LAYOUTS[layout], save)[0]
 
 
 def _save_preact(*tensors: Optional[Tensor]) -> bool:
@@ -56,7 +60,17 @@ def _save_preact(*tensors: Optional[Tensor]) -> bool:
     return any(t is not None and t.requires_grad for t in tensors)
 
 
-from .ops.rms_norm_gated import rms_norm_gated_api as rms_norm_gated  # noqa: E402
+def __getattr__(name: str):
+    """Import the ops (custom-op registration, ~20 ms) on first use, not with the package: the
+    ``GLU_FUSION`` entry point imports this package at every ``import torch``."""
+    if name == "ops":
+        import importlib
+        return importlib.import_module(".ops", __name__)
+    if name == "rms_norm_gated":
+        from .ops.rms_norm_gated import rms_norm_gated_api
+        return rms_norm_gated_api
+    raise AttributeError(f"module 'glu_fusion' has no attribute {name!r}")
+
 
 __all__ += ["rms_norm_gated"]
 

@@ -121,6 +121,8 @@ def test_error_bias_shape():
         glu_fusion.swiglu(x, wg, wu, torch.randn(9), torch.randn(8))
     with pytest.raises(ValueError, match="both bias_gate and bias_up"):
         glu_fusion.swiglu(x, wg, wu, torch.randn(8))
+    with pytest.raises(ValueError, match="both b_gate and b_up"):  # the op itself, too
+        torch.ops.glu_fusion.swiglu(x, wg, wu, None, torch.randn(8), True)
 
 
 def test_error_integer_dtype():

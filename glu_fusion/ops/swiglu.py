@@ -67,6 +67,8 @@ def _check_forward(x: Tensor, w_gate: Tensor, w_up: Tensor,
     if x.shape[-1] != w_gate.shape[1]:
         raise ValueError(f"glu_fusion: x has K={x.shape[-1]} features but the weights expect "
                          f"K={w_gate.shape[1]}")
+    if (b_gate is None) != (b_up is None):
+        raise ValueError("glu_fusion: give both b_gate and b_up, or neither")
     for name, b in (("b_gate", b_gate), ("b_up", b_up)):
         if b is not None and tuple(b.shape) != (w_gate.shape[0],):
             raise ValueError(f"glu_fusion: {name} must have shape ({w_gate.shape[0]},), got {tuple(b.shape)}")
