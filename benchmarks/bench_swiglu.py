@@ -179,13 +179,16 @@ def main(argv=None) -> int:
             # Fresh compiled functions per shape: no recompile limit, no dynamic-shape fallback.
             rows.append(measure_shape(k, n, m, env["copy_TBps"] * 1e12, make_variants(m)))
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+            write(args, env, rows)  # after every shape: a cut-off run keeps what it measured
+    print(markdown(rows, env))
+    return 0
+
+
+def write(args, env: dict, rows: list) -> None:
     with open(args.json, "w") as f:
         json.dump({"env": env, "rows": rows}, f, indent=1)
-    table = markdown(rows, env)
     with open(args.md, "w") as f:
-        f.write(table)
-    print(table)
-    return 0
+        f.write(markdown(rows, env))
 
 
 if __name__ == "__main__":
