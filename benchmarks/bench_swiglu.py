@@ -102,7 +102,9 @@ def make_variants(m: int) -> dict:
     torch._dynamo.reset()
 
     def ours_compiled(**patches):
-        backend = functools.partial(glu_fusion.backend, config_patches=patches) if patches else glu_fusion.backend
+        # A distinct backend object per variant: Dynamo reuses a compiled frame for the same
+        # function and backend, which would hide a setting such as recompute.
+        backend = functools.partial(glu_fusion.backend, config_patches=patches)
         return torch.compile(eager_swiglu, backend=backend, dynamic=False)
 
     variants = {
