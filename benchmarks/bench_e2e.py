@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 import time
 
@@ -18,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import glu_fusion
+from _measure import environment, write_results
 from glu_fusion.demo import DemoConfig, TinyLlama
 
 CONFIG = DemoConfig(vocab=8192, dim=2048, hidden=8192, heads=16, layers=8, seq=2048, batch=4)
@@ -70,9 +70,7 @@ def main(argv=None) -> int:
         print(name, {k: v for k, v in results[name].items() if k != "losses"}, file=sys.stderr, flush=True)
     a, b = results["inductor"], results["glu_fusion"]
     max_loss_diff = max(abs(x - y) for x, y in zip(a["losses"], b["losses"]))
-    import triton
-    env = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-           "date": time.strftime("%Y-%m-%d")}
+    env = environment()
     lines = [f"End-to-end training step ({CONFIG.layers} layers, hidden {CONFIG.dim}, intermediate "
              f"{CONFIG.hidden}, seq {CONFIG.seq}, batch {CONFIG.batch}, bf16, AdamW) on {env['device']}, "
              f"torch {env['torch']}, triton {env['triton']}, {env['date']}", "",
@@ -82,10 +80,7 @@ def main(argv=None) -> int:
     lines += ["", f"rewrites by our pass: {b['rewrites']}", f"speed-up {a['step_ms'] / b['step_ms']:.3f}x; largest loss difference over "
               f"{args.steps + 1} steps {max_loss_diff:.4f} (losses {a['losses'][0]:.3f} -> {a['losses'][-1]:.3f})"]
     table = "\n".join(lines) + "\n"
-    with open(args.json, "w") as f:
-        json.dump({"env": env, "results": results}, f, indent=1)
-    with open(args.md, "w") as f:
-        f.write(table)
+    write_results(args.json, args.md, {"env": env, "results": results}, table)
     print(table)
     return 0
 

@@ -12,16 +12,14 @@ forward+backward.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import sys
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
-import triton
 
 import glu_fusion
+from _measure import bench, copy_bandwidth, environment, peak_mb, write_results
 
 from glu_fusion.ops.rms_norm_gated import rms_norm_gated_api
 
@@ -29,18 +27,6 @@ DIMS = (128, 256, 1024)
 ROWS = (32, 4096, 131072, 524288)
 QUICK_ROWS = (4096, 524288)
 EPS = 1e-6
-
-
-def bench(fn: Callable[[], object]) -> float:
-    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-
-
-def copy_bandwidth() -> float:
-    """Device-to-device copy, bytes read plus written per second."""
-    src = torch.randn(256 * 1024 * 1024, device="cuda")
-    dst = torch.empty_like(src)
-    ms = bench(lambda: dst.copy_(src))
-    return 2 * src.numel() * src.element_size() / (ms * 1e-3)
 
 
 def eager_gated_norm(x, z, w):
@@ -51,15 +37,6 @@ def eager_gated_norm(x, z, w):
 
 def ours(x, z, w):
     return rms_norm_gated_api(x, z, w, EPS)
-
-
-def peak_mb(fn: Callable[[], object]) -> float:
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
 def measure(d: int, rows: int, bandwidth: float, variants: dict) -> dict:
@@ -120,11 +97,6 @@ def markdown(rows: list, env: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def environment() -> dict:
-    return {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-            "date": datetime.date.today().isoformat()}
-
-
 def run(report_rows: list, quick: bool = False) -> dict:
     """Measure every shape, appending one dict per (D, rows) to ``report_rows``; returns the env."""
     torch.manual_seed(0)
@@ -148,11 +120,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     rows: list = []
     env = run(rows, quick=args.quick)
-    with open(args.json, "w") as f:
-        json.dump({"env": env, "rows": rows}, f, indent=1)
     table = markdown(rows, env)
-    with open(args.md, "w") as f:
-        f.write(table)
+    write_results(args.json, args.md, {"env": env, "rows": rows}, table)
     print(table)
     return 0
 

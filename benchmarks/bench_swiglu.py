@@ -14,13 +14,12 @@ import argparse
 import functools
 import json
 import sys
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
-import triton
 
 import glu_fusion
+from _measure import bench, copy_bandwidth, environment, peak_mb, write_results
 
 SHAPES = [(4096, 14336), (1024, 3072), (2048, 8192)]
 TOKENS = [1, 16, 128, 1024, 4096, 16384]
@@ -31,29 +30,8 @@ CUDA_GRAPH_MAX_TOKENS = 1024
 glu_fusion.config.rewrite_devices = ("cuda",)
 
 
-def bench(fn: Callable[[], object]) -> float:
-    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-
-
-def copy_bandwidth() -> float:
-    """Device-to-device copy, bytes read plus written per second."""
-    src = torch.randn(256 * 1024 * 1024, device="cuda")
-    dst = torch.empty_like(src)
-    ms = bench(lambda: dst.copy_(src))
-    return 2 * src.numel() * src.element_size() / (ms * 1e-3)
-
-
 def eager_swiglu(x, wg, wu):
     return F.silu(F.linear(x, wg)) * F.linear(x, wu)
-
-
-def peak_mb(fn: Callable[[], object]) -> float:
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
 DEFAULTS = {"backward": "gemm", "forward_tma": True, "recompute": False}
@@ -158,12 +136,6 @@ def markdown(rows: list, env: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def environment() -> dict:
-    import datetime
-    return {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-            "date": datetime.date.today().isoformat()}
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--json", required=True)
@@ -187,10 +159,7 @@ def main(argv=None) -> int:
 
 
 def write(args, env: dict, rows: list) -> None:
-    with open(args.json, "w") as f:
-        json.dump({"env": env, "rows": rows}, f, indent=1)
-    with open(args.md, "w") as f:
-        f.write(markdown(rows, env))
+    write_results(args.json, args.md, {"env": env, "rows": rows}, markdown(rows, env))
 
 
 if __name__ == "__main__":

@@ -31,30 +31,19 @@ def _bars(ax, labels, series, title):
     ax.legend(fontsize=7)
 
 
-def plot_swiglu(path: str, out: str) -> None:
+def plot_family(path: str, out: str, png: str, title: str, label, ours: str) -> None:
+    """One bar group per shape: ``ours`` forward and forward+backward, and the forward floor,
+    each over Inductor's time."""
     data = json.load(open(path))
     rows, env = data["rows"], data["env"]
-    labels = [f"{r['K']}→{r['N']} M={r['M']}" for r in rows]
-    series = {f"ours {ph}": [r[f"ours_backend_{ph}_ms"] / r[f"inductor_{ph}_ms"] for r in rows]
+    series = {f"ours {ph}": [r[f"{ours}_{ph}_ms"] / r[f"inductor_{ph}_ms"] for r in rows]
               for ph in ("fwd", "fwdbwd")}
     series["floor fwd"] = [r["floor_fwd_ms"] / r["inductor_fwd_ms"] for r in rows]
     fig, ax = plt.subplots(figsize=(12, 4.5))
-    _bars(ax, labels, series, f"SwiGLU bf16, {env['device']}, torch {env['torch']}, triton {env['triton']}, {env['date']}")
+    _bars(ax, [label(r) for r in rows], series,
+          f"{title} bf16, {env['device']}, torch {env['torch']}, triton {env['triton']}, {env['date']}")
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "swiglu.png"), dpi=110)
-
-
-def plot_norm(path: str, out: str) -> None:
-    data = json.load(open(path))
-    rows, env = data["rows"], data["env"]
-    labels = [f"D={r['D']} rows={r['rows']}" for r in rows]
-    series = {f"ours {ph}": [r[f"ours_op_{ph}_ms"] / r[f"inductor_{ph}_ms"] for r in rows]
-              for ph in ("fwd", "fwdbwd")}
-    series["floor fwd"] = [r["floor_fwd_ms"] / r["inductor_fwd_ms"] for r in rows]
-    fig, ax = plt.subplots(figsize=(12, 4.5))
-    _bars(ax, labels, series, f"Gated RMSNorm bf16, {env['device']}, torch {env['torch']}, {env['date']}")
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "rms_norm_gated.png"), dpi=110)
+    fig.savefig(os.path.join(out, png), dpi=110)
 
 
 def main(argv=None) -> int:
@@ -64,9 +53,11 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     if args.swiglu:
-        plot_swiglu(args.swiglu, args.out)
+        plot_family(args.swiglu, args.out, "swiglu.png", "SwiGLU (ours = pass + ops)",
+                    lambda r: f"{r['K']}→{r['N']} M={r['M']}", "ours_backend")
     if args.norm:
-        plot_norm(args.norm, args.out)
+        plot_family(args.norm, args.out, "rms_norm_gated.png", "Gated RMSNorm (ours = pass + op)",
+                    lambda r: f"D={r['D']} rows={r['rows']}", "ours_backend")
     return 0
 
 

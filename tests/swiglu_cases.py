@@ -35,8 +35,9 @@ class Problem:
             return glu_fusion.swiglu(x, *weights, *biases)
         return glu_fusion.swiglu_packed(x, weights[0], biases[0] if biases else None, layout=self.layout)
 
-    def oracle(self, leaves: list) -> torch.Tensor:
-        """The reference formula on the given (float64) leaves."""
+    def unpack(self, leaves: list) -> tuple:
+        """``(x, w_gate, w_up, b_gate, b_up)`` of the given leaves, packed weights split as
+        views in this problem's layout."""
         x, *rest = leaves
         nw = len(self.weights)
         weights, biases = rest[:nw], rest[nw:]
@@ -46,7 +47,11 @@ class Problem:
         else:
             wg, wu = packed_views(weights[0], LAYOUTS[self.layout])
             bg, bu = packed_views(biases[0], LAYOUTS[self.layout]) if biases else (None, None)
-        return reference.swiglu(x, wg, wu, bg, bu)
+        return x, wg, wu, bg, bu
+
+    def oracle(self, leaves: list) -> torch.Tensor:
+        """The reference formula on the given (float64) leaves."""
+        return reference.swiglu(*self.unpack(leaves))
 
 
 def make_problem(layout: str, lead: tuple, k: int, n: int, dtype: torch.dtype, bias: bool,

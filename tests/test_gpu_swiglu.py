@@ -38,16 +38,7 @@ CASES = [
 
 def _eager(problem, leaves):
     """The unfused spelling models use, in the input dtype."""
-    from glu_fusion.ops.swiglu import LAYOUTS, packed_views
-    x, *rest = leaves
-    nw = len(problem.weights)
-    weights, biases = rest[:nw], rest[nw:]
-    if problem.layout == "separate":
-        wg, wu = weights
-        bg, bu = biases if biases else (None, None)
-    else:
-        wg, wu = packed_views(weights[0], LAYOUTS[problem.layout])
-        bg, bu = packed_views(biases[0], LAYOUTS[problem.layout]) if biases else (None, None)
+    x, wg, wu, bg, bu = problem.unpack(leaves)
     return F.silu(F.linear(x, wg, bg)) * F.linear(x, wu, bu)
 
 
