@@ -137,6 +137,7 @@ def small_model():
 def test_main_demo_on_cpu(cpu_rewrites, monkeypatch, capsys):
     from glu_fusion.__main__ import main
     monkeypatch.setattr(glu_fusion.config, "rewrite_devices", ("cuda",))  # as by default
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the CPU demo, also on a GPU machine
     assert main(["--layers", "2", "--no-timing"]) == 0
     out = capsys.readouterr().out
     assert "rewriting graphs on 'cpu' for this run" in out

