@@ -186,3 +186,17 @@ def shape_str(node: Optional[fx.Node]) -> str:
     if t is None:
         return "?"
     return "[" + ",".join(str(d) for d in t.shape) + "]"
+
+
+def site_resolves(resolve: Callable, match: object, kind: str, family: str) -> bool:
+    """The matcher's extra check for a family: does ``resolve(match, kind)`` find a rewritable
+    site?  A surprise in the user's graph means "do not rewrite", with a warning, never a
+    failed compile."""
+    from glu_fusion.report import log
+
+    try:
+        return resolve(match, kind) is not None
+    except Exception as err:  # an unforeseen spelling must never break the user's compile
+        log.warning("glu_fusion: %s site at %s left alone: %r", family,
+                    source_line(match.output_node()) or "?", err)
+        return False

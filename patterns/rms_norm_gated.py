@@ -27,10 +27,10 @@ from torch import fx
 from torch._inductor.pattern_matcher import CallFunction, CallMethod, KeywordArg, Match, register_graph_pattern
 
 from glu_fusion import config
-from glu_fusion.report import REPORT, Rewrite, log
+from glu_fusion.report import REPORT, Rewrite
 
 from ._common import (REWRITE_DTYPES, Family, copy_meta, fake, ordered_pure_span, same_size, shape_str,
-                      source_line)
+                      site_resolves, source_line)
 
 NAME = "rms_norm_gated"
 _FP32 = torch.float32
@@ -306,12 +306,7 @@ def _resolve(match: Match, kind: str) -> Optional[_Site]:
 
 
 def _check(match: Match, kind: str) -> bool:
-    try:
-        return _resolve(match, kind) is not None
-    except Exception as err:  # an unforeseen spelling must never break the user's compile
-        log.warning("glu_fusion: gated RMSNorm site at %s left alone: %r",
-                    source_line(match.output_node()) or "?", err)
-        return False
+    return site_resolves(_resolve, match, kind, "gated RMSNorm")
 
 
 def _rewrite(match: Match, kind: str) -> None:

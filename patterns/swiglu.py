@@ -28,10 +28,10 @@ from torch._inductor.pattern_matcher import (MULTIPLE, CallFunction, CallMethod,
 from glu_fusion import config
 from glu_fusion.ops.swiglu import (CONCAT_GATE_FIRST, CONCAT_UP_FIRST, INTERLEAVED_GATE_EVEN,
                                    INTERLEAVED_UP_EVEN)
-from glu_fusion.report import REPORT, Rewrite, log
+from glu_fusion.report import REPORT, Rewrite
 
 from ._common import (Family, common_tensor_kind, copy_meta, declared_kwargs_only, fake, module_path,
-                      ordered_pure_span, same_shape, same_size, shape_str, source_line)
+                      ordered_pure_span, same_shape, same_size, shape_str, site_resolves, source_line)
 
 aten = torch.ops.aten
 NAME = "swiglu"
@@ -333,13 +333,7 @@ def _resolve(match: Match, form: str) -> Optional[_Site]:
 
 
 def _check(match: Match, form: str) -> bool:
-    """The matcher's extra check; a surprise in the user's graph means "do not rewrite"."""
-    try:
-        return _resolve(match, form) is not None
-    except Exception as err:  # an unforeseen spelling must never break the user's compile
-        log.warning("glu_fusion: swiglu site at %s left alone: %r",
-                    source_line(match.output_node()) or "?", err)
-        return False
+    return site_resolves(_resolve, match, form, "swiglu")
 
 
 # --- the rewrite -----------------------------------------------------------------------------------

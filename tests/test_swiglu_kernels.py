@@ -49,19 +49,25 @@ def _kernel_inputs(m, k, n, dtype):
     return x, wg, wu, bg, bu
 
 
+def _check_forward_writes_every_element(launch, m, k, n):
+    """Run a forward launcher on NaN-poisoned outputs; return its inputs and pre-activations."""
+    x, wg, wu, bg, bu = _kernel_inputs(m, k, n, torch.float32)
+    out = torch.full((m, n), float("nan"))
+    pre = torch.full((m, 2 * n), float("nan"))
+    launch(x, wg, wu, bg, bu, out, pre, allow_tf32=False)
+    g64 = x.double() @ wg.double().T + bg.double()
+    u64 = x.double() @ wu.double().T + bu.double()
+    assert rel_error(pre[:, :n], g64) < 1e-5 and rel_error(pre[:, n:], u64) < 1e-5
+    assert rel_error(out, torch.nn.functional.silu(g64) * u64) < 1e-5
+    return (x, wg, wu), pre
+
+
 def test_kernels_write_every_output_element():
     """Outputs are poisoned with NaN before each kernel: every element must be overwritten."""
     from glu_fusion.kernels import swiglu_forward, swiglu_input_grad, swiglu_weight_grad
 
     m, k, n = 37, 50, 29
-    x, wg, wu, bg, bu = _kernel_inputs(m, k, n, torch.float32)
-    out = torch.full((m, n), float("nan"))
-    pre = torch.full((m, 2 * n), float("nan"))
-    swiglu_forward(x, wg, wu, bg, bu, out, pre, allow_tf32=False)
-    g64 = x.double() @ wg.double().T + bg.double()
-    u64 = x.double() @ wu.double().T + bu.double()
-    assert rel_error(pre[:, :n], g64) < 1e-5 and rel_error(pre[:, n:], u64) < 1e-5
-    assert rel_error(out, torch.nn.functional.silu(g64) * u64) < 1e-5
+    (x, wg, wu), pre = _check_forward_writes_every_element(swiglu_forward, m, k, n)
 
     dout = torch.randn(m, n)
     g, u = pre[:, :n], pre[:, n:]
@@ -192,12 +198,4 @@ def test_tma_forward(layout, bias, monkeypatch):
 def test_tma_forward_writes_every_element():
     from glu_fusion.kernels import swiglu_forward_tma
 
-    m, k, n = 90, 64, 40
-    x, wg, wu, bg, bu = _kernel_inputs(m, k, n, torch.float32)
-    out = torch.full((m, n), float("nan"))
-    pre = torch.full((m, 2 * n), float("nan"))
-    swiglu_forward_tma(x, wg, wu, bg, bu, out, pre, allow_tf32=False)
-    g64 = x.double() @ wg.double().T + bg.double()
-    u64 = x.double() @ wu.double().T + bu.double()
-    assert rel_error(pre[:, :n], g64) < 1e-5 and rel_error(pre[:, n:], u64) < 1e-5
-    assert rel_error(out, torch.nn.functional.silu(g64) * u64) < 1e-5
+    _check_forward_writes_every_element(swiglu_forward_tma, 90, 64, 40)
