@@ -53,6 +53,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
+from . import _common
 from ._common import SUPPORTED_DTYPES, check_same, empty_like_nothing, use_kernels
 
 ACTIVATIONS = {"silu": 0, "sigmoid": 1}
@@ -211,6 +212,7 @@ def _register_autocast_passthrough() -> None:
 
 _LIBS: list = []
 _register_autocast_passthrough()
+_common.register_cuda_fast_path(rms_norm_gated, rms_norm_gated_backward)
 
 
 # --- public functional ----------------------------------------------------------------------------

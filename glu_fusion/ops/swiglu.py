@@ -355,3 +355,4 @@ swiglu_packed.register_autograd(_swiglu_packed_backward, setup_context=_swiglu_p
 
 for _name in ("swiglu", "swiglu_packed", "swiglu_dx", "swiglu_dh", "swiglu_dw", "swiglu_packed_dw"):
     _common.register_autocast_follow(_name)
+_common.register_cuda_fast_path(swiglu, swiglu_packed, swiglu_dx, swiglu_dh, swiglu_dw, swiglu_packed_dw)
