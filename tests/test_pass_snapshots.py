@@ -258,3 +258,100 @@ gelu(getitem)
 mul(gelu, getitem)
 return (mul)""")
         assert REPORT.total == 0
+
+
+class GatedNormQwen3Next(nn.Module):
+    """The gated RMSNorm of a gated delta-net layer, written as HF Qwen3-Next writes it:
+    normalise in fp32, downcast, weight in the input dtype, gate in fp32."""
+
+    def __init__(self, d=16, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+        self.variance_epsilon = eps
+
+    def forward(self, x):
+        hidden_states, gate = x.chunk(2, -1)
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        hidden_states = self.weight * hidden_states.to(input_dtype)
+        hidden_states = hidden_states * F.silu(gate.to(torch.float32))
+        return hidden_states.to(input_dtype)
+
+
+class L2NormGate(nn.Module):
+    """Looks like the gated norm but sums instead of averaging: must stay as it is."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, x):
+        h, z = x.chunk(2, -1)
+        hf = h.float()
+        return (hf * torch.rsqrt(hf.pow(2).sum(-1, keepdim=True) + 1e-6) * self.weight
+                * F.silu(z.float())).to(x.dtype)
+
+
+class TestGatedNormSnapshots(expecttest.TestCase):
+    @pytest.fixture(autouse=True)
+    def _capture(self, capture):
+        self.run_graphs = capture
+
+    def test_qwen3_next_gated_norm_training_graphs(self):
+        cap = self.run_graphs(GatedNormQwen3Next(), torch.randn(2, 3, 32))
+        self.assertExpectedInline(cap.pre_grad, """\
+.chunk(in, 2, -1)
+getitem(.chunk, 0)
+getitem(.chunk, 1)
+glu_fusion.rms_norm_gated.default(getitem, getitem, in, 1e-06, None, True, 'silu', 0.0, 'none', False)
+getitem(glu_fusion.rms_norm_gated.default, 0)
+return (getitem)""")
+        self.assertExpectedInline(cap.forward, """\
+aten.split.Tensor(in, #, #)
+getitem(aten.split.Tensor, 0)
+getitem(aten.split.Tensor, 1)
+glu_fusion.rms_norm_gated.default(getitem, getitem, in, 1e-06, None, True, 'silu', 0.0, 'none', False)
+getitem(glu_fusion.rms_norm_gated.default, 0)
+getitem(glu_fusion.rms_norm_gated.default, 1)
+return (getitem, in, getitem, getitem, getitem)""")
+        self.assertExpectedInline(cap.backward, """\
+glu_fusion.rms_norm_gated_backward.default(in, in, in, in, in, None, True, 'silu', 0.0, True, True, True)
+getitem(glu_fusion.rms_norm_gated_backward.default, 0)
+getitem(glu_fusion.rms_norm_gated_backward.default, 1)
+getitem(glu_fusion.rms_norm_gated_backward.default, 2)
+aten.cat.default([getitem, getitem], #)
+return (aten.cat.default, getitem)""")
+        assert REPORT.counts() == {"rms_norm_gated": 1}
+
+    def test_qwen3_next_gated_norm_bf16_keeps_its_rounding_point(self):
+        """In bf16 the downcast before the weight is real: the op is told so."""
+        cap = self.run_graphs(GatedNormQwen3Next().bfloat16(), torch.randn(2, 3, 32, dtype=torch.bfloat16))
+        self.assertExpectedInline(cap.pre_grad, """\
+.chunk(in, 2, -1)
+getitem(.chunk, 0)
+getitem(.chunk, 1)
+glu_fusion.rms_norm_gated.default(getitem, getitem, in, 1e-06, None, True, 'silu', 0.0, 'before_weight', False)
+getitem(glu_fusion.rms_norm_gated.default, 0)
+return (getitem)""")
+
+    def test_l2_norm_gate_unchanged(self):
+        cap = self.run_graphs(L2NormGate(), torch.randn(2, 3, 32))
+        self.assertExpectedInline(cap.pre_grad, """\
+.chunk(in, 2, -1)
+getitem(.chunk, 0)
+getitem(.chunk, 1)
+.float(getitem)
+.pow(.float, 2)
+.sum(.pow, -1, keepdim=True)
+add(.sum, 1e-06)
+rsqrt(add)
+mul(.float, rsqrt)
+mul(mul, in)
+.float(getitem)
+silu(.float)
+mul(mul, silu)
+.to(mul, float32)
+return (.to)""")
+        assert REPORT.total == 0
