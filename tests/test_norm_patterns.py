@@ -117,3 +117,22 @@ def test_look_alikes_left_alone(fn, cpu_rewrites, dynamo_graph):
     GluPass()(gm.graph)
     assert not _ops(gm) and len(gm.graph.nodes) == before
     assert not cpu_rewrites.rewrites
+
+
+def test_dynamic_batch_is_rewritten(cpu_rewrites):
+    """torch.compile's automatic dynamic shapes (a second batch size recompiles with a symbolic
+    batch) and mark_dynamic both keep the rewrite; outputs match eager."""
+    from test_pass_snapshots import GatedNormQwen3Next
+
+    model = GatedNormQwen3Next()
+    compiled = torch.compile(model, backend=glu_fusion.backend)
+    for batch in (2, 3, 5):
+        x = torch.randn(batch, 3, 32)
+        torch.testing.assert_close(compiled(x), model(x))
+    assert [g.counts() for g in cpu_rewrites.graphs] == [{"rms_norm_gated": 1}] * 2
+    x = torch.randn(4, 7, 32)
+    torch._dynamo.mark_dynamic(x, 0)
+    torch._dynamo.reset()
+    cpu_rewrites.reset()
+    torch.testing.assert_close(torch.compile(model, backend=glu_fusion.backend)(x), model(x))
+    assert cpu_rewrites.counts() == {"rms_norm_gated": 1}
