@@ -5,7 +5,8 @@ Matching anchors on the one node every spelling has, ``rsqrt(var + eps)`` (or ``
 on ``F.rms_norm``; ``_walk`` then reads the graph around it:
 
 * upstream: ``var = mean(s², -1, keepdim=True)`` (``pow(2)``, ``s*s``, ``square``), with ``s``
-  an fp32 ``x`` (upcast or not) or ``x · act(z)`` (gate before the norm);
+  an fp32 ``x`` (upcast or not) or ``x · act(z)`` (gate before the norm), or a view of one of
+  those as ``[..., G, D // G]`` whose normalised value is merged back to ``[..., D]`` (groups);
 * downstream from ``s · rstd``, in this order: an optional cast to x's dtype, an optional
   weight product (``w``, ``w.float()``, ``1 + w``), an optional cast, the gate product
   ``· act(z)`` (gate after the norm), an optional cast.
@@ -95,6 +96,7 @@ class _Site:
     offset: float = 0.0
     downcast: str = "none"
     gate_low: bool = False
+    group_size: Optional[int] = None
     spelling: list = dataclasses.field(default_factory=list)
     nodes: list = dataclasses.field(default_factory=list)
     out: Optional[fx.Node] = None
@@ -239,12 +241,52 @@ def _from_rsqrt(match: Match) -> Optional[_Site]:
         return None
     site.eps = eps
     site.nodes += [sq, var, anchor.args[0], anchor] + ([inv] if inv is not anchor else []) + [prod]
+    grouped = _group_view(s)
+    if grouped is not None:  # s = x.view(..., G, D // G): normalise each group (Mamba-2)
+        ungroup = _single_user(prod)
+        if ungroup is None or not _is_ungroup(ungroup, grouped[0]):
+            return None
+        site.group_size = grouped[1]
+        site.nodes += [s, ungroup]
+        site.spelling.append(f"groups of {grouped[1]}")
+        s, prod = grouped[0], ungroup
     if not _norm_input(s, site):
         return None
     if s is not site.x:
         site.nodes.append(s)
     _downstream(prod, site)
     return site
+
+
+_VIEWS_M = ("view", "reshape", "unflatten")
+_FLATTEN_F, _FLATTEN_M = (torch.flatten, torch.reshape), ("view", "reshape", "flatten")
+
+
+def _group_view(node: fx.Node) -> Optional[tuple[fx.Node, int]]:
+    """(source, group size) when ``node`` splits the last dimension D of its source into
+    ``[..., G, D // G]`` (``view``/``reshape``/``unflatten``) with a constant group size."""
+    if not (_is(node, (torch.reshape,), _VIEWS_M) and node.args and isinstance(node.args[0], fx.Node)):
+        return None
+    src = node.args[0]
+    ts, tv = fake(src), fake(node)
+    if ts is None or tv is None or tv.dim() != ts.dim() + 1:
+        return None
+    group = tv.shape[-1]
+    if not isinstance(group, int) or group <= 0 or not all(
+            same_size(a, b) for a, b in zip(tv.shape[:-2], ts.shape[:-1])):
+        return None
+    if not isinstance(ts.shape[-1], int) or tv.shape[-2] * group != ts.shape[-1]:
+        return None
+    return src, group
+
+
+def _is_ungroup(node: fx.Node, like: fx.Node) -> bool:
+    """``node`` merges the last two dimensions back into the shape of ``like``."""
+    if not (_is(node, _FLATTEN_F, _FLATTEN_M) and node.args):
+        return False
+    tn, tl = fake(node), fake(like)
+    return (tn is not None and tl is not None and tn.dim() == tl.dim()
+            and all(same_size(a, b) for a, b in zip(tn.shape, tl.shape)))
 
 
 def _from_rms_norm(match: Match) -> Optional[_Site]:
@@ -314,7 +356,7 @@ def _rewrite(match: Match, kind: str) -> None:
     if site is None:
         return
     graph = site.out.graph
-    args = (site.x, site.z, site.weight, site.eps, None, site.norm_before_gate, site.activation,
+    args = (site.x, site.z, site.weight, site.eps, site.group_size, site.norm_before_gate, site.activation,
             site.offset, site.downcast, site.gate_low)
     with graph.inserting_before(site.out):
         op = graph.call_function(torch.ops.glu_fusion.rms_norm_gated.default, args)

@@ -105,11 +105,21 @@ def _gelu_gate(x, z, w, eps):
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * w * F.gelu(z.float())).to(x.dtype)
 
 
-NEGATIVES = [_l2_gate, _plain_rms, _intermediate_reused, _gate_not_from_norm, _low_precision_norm, _gelu_gate,
-             SPELLINGS[-2].fn]  # grouped (Mamba-2) spelling: not matched yet
+NEGATIVES = [_l2_gate, _plain_rms, _intermediate_reused, _gate_not_from_norm, _low_precision_norm, _gelu_gate]
 
 
-@pytest.mark.parametrize("fn", NEGATIVES, ids=lambda f: getattr(f, "__name__", "grouped"))
+def test_reference_grouped_spelling_rewritten_with_its_group(cpu_rewrites, dynamo_graph):
+    """The Mamba-2 reference spelling of the op tests (groups of 16, gate first)."""
+    grouped = next(s for s in SPELLINGS if s.name == "mamba2_grouped")
+    x, z, w = _inputs(torch.bfloat16)
+    gm = dynamo_graph(lambda x, z, w: grouped.fn(x, z, w, EPS), x, z, w)
+    GluPass()(gm.graph)
+    gm.graph.lint()
+    [op] = _ops(gm)
+    assert op.args[3] == EPS and op.args[4] == 16 and op.args[5] is False
+
+
+@pytest.mark.parametrize("fn", NEGATIVES, ids=lambda f: f.__name__)
 def test_look_alikes_left_alone(fn, cpu_rewrites, dynamo_graph):
     x, z, w = _inputs(torch.bfloat16)
     gm = dynamo_graph(lambda x, z, w: fn(x, z, w, EPS), x, z, w)
@@ -136,3 +146,49 @@ def test_dynamic_batch_is_rewritten(cpu_rewrites):
     cpu_rewrites.reset()
     torch.testing.assert_close(torch.compile(model, backend=glu_fusion.backend)(x), model(x))
     assert cpu_rewrites.counts() == {"rms_norm_gated": 1}
+
+
+def _mamba2_grouped(x, z, w, eps, group=8, norm_before_gate=False):
+    """Mamba-2's gated norm written out: fp32, groups of ``group`` columns, 1/sqrt."""
+    dtype = x.dtype
+    w, x, z = w.float(), x.float(), z.float()
+    if not norm_before_gate:
+        x = x * F.silu(z)
+    xg = x.view(*x.shape[:-1], -1, group)
+    rstd = 1 / torch.sqrt(xg.square().mean(dim=-1, keepdim=True) + eps)
+    out = (xg * rstd).view(*x.shape[:-1], x.shape[-1]) * w
+    if norm_before_gate:
+        out = out * F.silu(z)
+    return out.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("norm_before_gate", [False, True])
+def test_grouped_mamba2_spelling(norm_before_gate, dtype, cpu_rewrites):
+    x = torch.randn(3, 5, 32, dtype=dtype, requires_grad=True)
+    z = torch.randn_like(x, requires_grad=True)
+    w = (1 + 0.1 * torch.randn(32)).to(dtype).requires_grad_()
+    fn = lambda x, z, w: _mamba2_grouped(x, z, w, EPS, norm_before_gate=norm_before_gate)  # noqa: E731
+    got = torch.compile(fn, backend=glu_fusion.backend)(x, z, w)
+    assert cpu_rewrites.counts() == {"rms_norm_gated": 1}
+    assert "groups of 8" in cpu_rewrites.rewrites[0].spelling
+    expected = fn(x, z, w)
+    # within one rounding step: the op computes 1/sqrt as rsqrt
+    step = dict(atol=1e-6, rtol=1e-6) if dtype == torch.float32 else dict(atol=0.0, rtol=2 ** -7)
+    torch.testing.assert_close(got, expected, **step)
+    dy = torch.randn_like(expected)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for a, b in zip(torch.autograd.grad(got, (x, z, w), dy), torch.autograd.grad(expected, (x, z, w), dy)):
+        scale = b.float().abs().max().clamp_min(1e-6)
+        assert ((a.float() - b.float()).abs().max() / scale).item() <= tol
+
+
+def test_grouped_norm_not_merged_back_is_left_alone(cpu_rewrites):
+    """Groups normalised but returned grouped: not the op's shape, so no rewrite."""
+    def fn(x, z, w):
+        xg = (x.float() * F.silu(z.float())).view(*x.shape[:-1], -1, 8)
+        return xg * torch.rsqrt(xg.pow(2).mean(-1, keepdim=True) + EPS)
+
+    x, z = torch.randn(4, 32), torch.randn(4, 32)
+    torch.testing.assert_close(torch.compile(fn, backend=glu_fusion.backend)(x, z, None), fn(x, z, None))
+    assert cpu_rewrites.total == 0
