@@ -33,6 +33,15 @@ def peak_mb(fn: Callable[[], object]) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
+def time_phases(fwd: Callable[[], object], fwdbwd: Callable[[], object]) -> dict:
+    """Warm both phases up (compiles and first launches stay out of the timed window), then
+    return their median times and the forward+backward peak memory."""
+    for _ in range(3):
+        fwd(), fwdbwd()
+    torch.cuda.synchronize()
+    return {"fwd_ms": bench(fwd), "fwdbwd_ms": bench(fwdbwd), "peak_mb": peak_mb(fwdbwd)}
+
+
 def environment() -> dict:
     return {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
             "triton": triton.__version__, "date": datetime.date.today().isoformat()}

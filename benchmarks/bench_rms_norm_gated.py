@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import glu_fusion
-from _measure import bench, copy_bandwidth, environment, peak_mb, write_results
+from _measure import copy_bandwidth, environment, time_phases, write_results
 
 from glu_fusion.ops.rms_norm_gated import rms_norm_gated_api
 
@@ -57,12 +57,7 @@ def measure(d: int, rows: int, bandwidth: float, variants: dict) -> dict:
         def fwdbwd():
             return torch.autograd.grad(fn(x, z, w), (x, z, w), dy)
 
-        for _ in range(3):  # compiles and first launches stay out of the timed window
-            fwd(), fwdbwd()
-        torch.cuda.synchronize()
-        row[f"{name}_fwd_ms"] = bench(fwd)
-        row[f"{name}_fwdbwd_ms"] = bench(fwdbwd)
-        row[f"{name}_peak_mb"] = peak_mb(fwdbwd)
+        row.update({f"{name}_{key}": value for key, value in time_phases(fwd, fwdbwd).items()})
     return row
 
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import glu_fusion
-from _measure import bench, copy_bandwidth, environment, peak_mb, write_results
+from _measure import bench, copy_bandwidth, environment, time_phases, write_results
 
 SHAPES = [(4096, 14336), (1024, 3072), (2048, 8192)]
 TOKENS = [1, 16, 128, 1024, 4096, 16384]
@@ -82,12 +82,7 @@ def measure_shape(k: int, n: int, m: int, bandwidth: float) -> dict:
             out = fn(x, wg, wu)
             return torch.autograd.grad(out, (x, wg, wu), dout)
 
-        for _ in range(3):  # compiles and first launches stay out of the timed window
-            fwd(), fwdbwd()
-        torch.cuda.synchronize()
-        row[f"{name}_fwd_ms"] = bench(fwd)
-        row[f"{name}_fwdbwd_ms"] = bench(fwdbwd)
-        row[f"{name}_peak_mb"] = peak_mb(fwdbwd)
+        row.update({f"{name}_{key}": value for key, value in time_phases(fwd, fwdbwd).items()})
     for key, value in DEFAULTS.items():
         setattr(glu_fusion.config, key, value)
     return row

@@ -27,7 +27,6 @@ own ``@jit`` helpers cannot run in the CPU interpreter when Triton was imported 
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import Optional
 
@@ -36,7 +35,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._launch import interpreting
+from ._launch import interpreting, multiprocessors
 
 ACT_SILU = 0
 ACT_SIGMOID = 1
@@ -275,11 +274,6 @@ def rms_norm_gated_forward(x: Tensor, z: Tensor, weight: Optional[Tensor], y: Te
     _launch(rms_norm_gated_fwd_kernel, grid, args, flags, block_m, block_n, warps)
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 _WORKSPACE_BYTES = 16 << 20
 
 
@@ -291,7 +285,7 @@ def _programs(x: Tensor, row_blocks: int, n_groups: int) -> int:
     if interpreting() or not x.is_cuda:
         return min(row_blocks, 2)
     d = x.shape[-1]
-    cap = max(4 * _sm_count(x.device.index or 0) // n_groups, _WORKSPACE_BYTES // (4 * d))
+    cap = max(4 * multiprocessors(x.device.index or 0) // n_groups, _WORKSPACE_BYTES // (4 * d))
     return max(1, min(row_blocks, cap))
 
 
