@@ -5,7 +5,6 @@ import functools
 import os
 
 import torch
-import triton
 
 
 def interpreting() -> bool:
