@@ -1,7 +1,13 @@
 """Host time of one call at a tiny size, where the GPU work is negligible: where does it go?
 
-Times forward and forward+backward of both ops against their eager spellings (wall clock over
-many calls, synchronised), then prints a cProfile of our forward+backward by internal time.
+Three views, all wall clock per call over many synchronised calls on random inputs:
+
+1. layers of one no-grad forward: the dispatcher call, our implementation called directly, the
+   kernel-level launch function, and the bare Triton launch (ordinary and cached);
+2. the ops against their eager spellings, forward and forward+backward, with the cached launch
+   on and off;
+3. ``torch.compile`` with our backend against Inductor, forward and forward+backward, and a
+   cProfile of ours by internal time.
 
     python benchmarks/host_overhead.py
 """
@@ -12,61 +18,183 @@ import pstats
 import time
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 import glu_fusion
+from glu_fusion import config
+from glu_fusion.kernels import swiglu_fwd
+from glu_fusion.ops import rms_norm_gated as norm_ops
+from glu_fusion.ops import swiglu as swiglu_ops
+
+DEV, DT = "cuda", torch.bfloat16
+ROWS, D, N = 16, 128, 256
 
 
-def per_call_us(fn, n: int = 2000) -> float:
+def per_call_us(fn, n: int = 1000, reps: int = 5) -> float:
+    """Best of ``reps`` runs of ``n`` calls: the host is shared, and the minimum is its cost."""
     for _ in range(50):
         fn()
     torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(n):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / n * 1e6
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        for _ in range(n):
+            fn()
+        torch.cuda.synchronize()
+        best = min(best, (time.perf_counter() - start) / n * 1e6)
+    return best
 
 
-def main() -> None:
-    dev, dt = "cuda", torch.bfloat16
-    x = torch.randn(16, 128, device=dev, dtype=dt, requires_grad=True)
-    z = torch.randn_like(x, requires_grad=True)
-    w = torch.randn(128, device=dev, dtype=dt, requires_grad=True)
-    dy = torch.randn_like(x)
+def norm_eager(x, z, w):
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6) * w.float() * F.silu(z.float())).to(x.dtype)
 
-    def norm_eager(x, z, w):
+
+def swiglu_eager(x, wg, wu):
+    return F.silu(F.linear(x, wg)) * F.linear(x, wu)
+
+
+class NormModule(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(D, device=DEV, dtype=DT))
+
+    def forward(self, x, z):
         xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6) * w.float() * F.silu(z.float())).to(x.dtype)
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return self.weight * y.to(x.dtype) * F.silu(z.float()).to(x.dtype)
 
-    wg = torch.randn(256, 128, device=dev, dtype=dt, requires_grad=True)
+
+class SwigluModule(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gate = nn.Linear(D, N, bias=False, device=DEV, dtype=DT)
+        self.up = nn.Linear(D, N, bias=False, device=DEV, dtype=DT)
+
+    def forward(self, x):
+        return F.silu(self.gate(x)) * self.up(x)
+
+
+def layers() -> None:
+    x = torch.randn(ROWS, D, device=DEV, dtype=DT)
+    z = torch.randn_like(x)
+    w = torch.randn(D, device=DEV, dtype=DT)
+    wg = torch.randn(N, D, device=DEV, dtype=DT)
+    wu = torch.randn(N, D, device=DEV, dtype=DT)
+    out = torch.empty(ROWS, N, device=DEV, dtype=DT)
+    norm_args = (x, z, w, 1e-6, None, True, "silu", 0.0, "none", False)
+    fwd_args = (x, wg, wu, None, None, False)
+    operands = swiglu_fwd.forward_operands(x, wg, wu, None, None, out, None)
+    plan = swiglu_fwd.forward_plan(x, wg, wu, None, None, out, None, False)
+    plan(*operands)   # compiles, then keeps the binary
+    grid = plan.grid
+    scalars, keywords = plan.scalars, plan.keywords
+
+    def general(fn):
+        def call():
+            config.cached_launch = False
+            try:
+                return fn()
+            finally:
+                config.cached_launch = True
+        return call
+
+    rows = {
+        "torch.empty (reference)": lambda: torch.empty(ROWS, N, device=DEV, dtype=DT),
+        "torch.mm (reference)": lambda: torch.mm(x, wg.t()),
+        "swiglu: kernel[grid] (Triton)": lambda: swiglu_fwd.swiglu_fwd_kernel[grid](*operands, *scalars, **keywords),
+        "swiglu: launch plan, cached binary": lambda: plan(*operands),
+        "swiglu: implementation, plan": lambda: swiglu_ops._forward(*fwd_args),
+        "swiglu: implementation, general": general(lambda: swiglu_ops._forward(*fwd_args)),
+        "swiglu: torch.ops dispatcher, plan": lambda: torch.ops.glu_fusion.swiglu.default(*fwd_args),
+        "swiglu: torch.ops dispatcher, general": general(lambda: torch.ops.glu_fusion.swiglu.default(*fwd_args)),
+        "norm: implementation, plan": lambda: norm_ops.rms_norm_gated._init_fn(*norm_args),
+        "norm: implementation, general": general(lambda: norm_ops.rms_norm_gated._init_fn(*norm_args)),
+        "norm: torch.ops dispatcher, plan": lambda: torch.ops.glu_fusion.rms_norm_gated.default(*norm_args),
+        "norm: torch.ops dispatcher, general": general(
+            lambda: torch.ops.glu_fusion.rms_norm_gated.default(*norm_args)),
+    }
+    print(f"--- layers of one no-grad forward ({ROWS}x{D}, N={N}, bf16), us per call, best of 5")
+    with torch.no_grad():
+        for name, fn in rows.items():
+            print(f"{name:40s} {per_call_us(fn):8.1f}")
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def ops_against_eager() -> None:
+    x = torch.randn(ROWS, D, device=DEV, dtype=DT, requires_grad=True)
+    z = torch.randn_like(x, requires_grad=True)
+    w = torch.randn(D, device=DEV, dtype=DT, requires_grad=True)
+    dy = torch.randn_like(x)
+    wg = torch.randn(N, D, device=DEV, dtype=DT, requires_grad=True)
     wu = torch.randn_like(wg, requires_grad=True)
-    dout = torch.randn(16, 256, device=dev, dtype=dt)
-
-    def swiglu_eager(x, wg, wu):
-        return F.silu(F.linear(x, wg)) * F.linear(x, wu)
-
+    dout = torch.randn(ROWS, N, device=DEV, dtype=DT)
     cases = {
         "norm eager": (lambda: norm_eager(x, z, w), (x, z, w), dy),
         "norm ours": (lambda: glu_fusion.rms_norm_gated(x, z, w), (x, z, w), dy),
         "swiglu eager": (lambda: swiglu_eager(x, wg, wu), (x, wg, wu), dout),
         "swiglu ours": (lambda: glu_fusion.swiglu(x, wg, wu), (x, wg, wu), dout),
     }
-    for name, (fwd, leaves, grad) in cases.items():
+    print("\n--- ops against their eager spellings, us per call")
+    for cached in (True, False):
+        config.cached_launch = cached
+        for name, (fwd, leaves, grad) in cases.items():
+            if "eager" in name and not cached:
+                continue
+            with torch.no_grad():
+                f_us = per_call_us(fwd)
+            fb_us = per_call_us(lambda: torch.autograd.grad(fwd(), leaves, grad))
+            label = name + ("" if "eager" in name else (" plans" if cached else " general"))
+            print(f"{label:22s} fwd {f_us:7.1f}   fwd+bwd {fb_us:7.1f}")
+    config.cached_launch = True
+
+
+def compiled() -> None:
+    torch._dynamo.config.cache_size_limit = 64
+    x = torch.randn(ROWS, D, device=DEV, dtype=DT, requires_grad=True)
+    z = torch.randn_like(x, requires_grad=True)
+    norm, swiglu = NormModule(), SwigluModule()
+    cases = {}
+    for backend in ("inductor", glu_fusion.backend):
+        label = "inductor" if backend == "inductor" else "ours"
+        torch._dynamo.reset()
+        cn = torch.compile(norm, backend=backend)
+        cs = torch.compile(swiglu, backend=backend)
+        cases[f"norm {label}"] = (lambda cn=cn: cn(x, z), lambda cn=cn: cn(x, z).sum().backward())
+        cases[f"swiglu {label}"] = (lambda cs=cs: cs(x), lambda cs=cs: cs(x).sum().backward())
+        for name in (f"norm {label}", f"swiglu {label}"):
+            fwd, fwd_bwd = cases[name]
+            fwd_bwd()
+            with torch.no_grad():
+                fwd()
+    print("\n--- torch.compile, us per call")
+    for name, (fwd, fwd_bwd) in cases.items():
         with torch.no_grad():
             f_us = per_call_us(fwd)
-        fb_us = per_call_us(lambda: torch.autograd.grad(fwd(), leaves, grad), 1000)
-        print(f"{name:14s} fwd {f_us:7.1f} us   fwd+bwd {fb_us:7.1f} us")
-    for name in ("swiglu ours", "norm ours"):
-        fwd, leaves, grad = cases[name]
+        fb_us = per_call_us(fwd_bwd)
+        print(f"{name:22s} fwd {f_us:7.1f}   fwd+bwd {fb_us:7.1f}")
+    for name, grad in (("swiglu ours", False), ("swiglu ours", True), ("norm ours", True)):
+        fwd, fwd_bwd = cases[name]
         prof = cProfile.Profile()
-        prof.enable()
-        for _ in range(500):
-            torch.autograd.grad(fwd(), leaves, grad)
-        torch.cuda.synchronize()
-        prof.disable()
-        print(f"\n--- {name}: 500 forward+backward calls, by internal time")
-        pstats.Stats(prof).sort_stats("tottime").print_stats(14)
+        with torch.set_grad_enabled(grad):
+            prof.enable()
+            for _ in range(500):
+                (fwd_bwd if grad else fwd)()
+            torch.cuda.synchronize()
+            prof.disable()
+        what = "forward+backward" if grad else "no-grad forward"
+        print(f"\n--- compiled {name}: 500 {what} calls, by internal time")
+        pstats.Stats(prof).sort_stats("tottime").print_stats(22)
+
+
+def main() -> None:
+    layers()
+    ops_against_eager()
+    compiled()
 
 
 if __name__ == "__main__":

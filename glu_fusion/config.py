@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["enabled_by_env", "rewrite_devices", "recompute", "forward_tma", "backward", "settings_key"]
+__all__ = ["enabled_by_env", "rewrite_devices", "recompute", "forward_tma", "backward", "cached_launch", "settings_key"]
 
 
 def _env_flag(name: str, default: bool = False) -> bool:
@@ -49,6 +49,12 @@ forward_tma: bool = _env_flag("GLU_FUSION_TMA", default=True)
 backward: str = os.environ.get("GLU_FUSION_BACKWARD", "gemm").strip().lower() or "gemm"
 if backward not in ("fused", "gemm"):
     raise ValueError(f"GLU_FUSION_BACKWARD must be 'fused' or 'gemm', got {backward!r}")
+
+
+#: ``GLU_FUSION_CACHED_LAUNCH`` (default 1): launch our Triton kernels through the binary cached
+#: per argument signature, skipping Triton's per-call binding (``kernels._launch.CachedLauncher``);
+#: ``0`` takes Triton's ordinary launch path on every call.
+cached_launch: bool = _env_flag("GLU_FUSION_CACHED_LAUNCH", default=True)
 
 
 def settings_key() -> str:

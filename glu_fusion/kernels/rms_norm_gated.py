@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._launch import interpreting, multiprocessors
+from ._launch import LaunchPlan, interpreting, multiprocessors
 
 ACT_SILU = 0
 ACT_SIGMOID = 1
@@ -242,11 +242,44 @@ def _tile(n_block: int, rows: int, target: int) -> tuple[int, int]:
     return block_m, (1 if interpreting() else warps)
 
 
-def _launch(kernel, grid, args, flags, block_m, block_n, warps):
-    if interpreting():
-        kernel[grid](*args, **flags, BLOCK_M=block_m, BLOCK_N=block_n)
-    else:
-        kernel[grid](*args, **flags, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
+def _keywords(flags: dict, block_m: int, block_n: int, warps: int) -> dict:
+    keywords = dict(flags, BLOCK_M=block_m, BLOCK_N=block_n)
+    if not interpreting():
+        keywords["num_warps"] = warps
+    return keywords
+
+
+def _unchanged(before: list, after: list) -> bool:
+    return all(a is b for a, b in zip(before, after))
+
+
+def _forward_plan(x: Tensor, z: Tensor, weight: Optional[Tensor], y: Tensor, inner: int, strides: list,
+                  eps: float, group: int, norm_before_gate: bool, act: int, weight_offset: float,
+                  gate_low: bool, round_normed: bool, round_weighted: bool, round_w_eff: bool) -> LaunchPlan:
+    d = x.shape[-1]
+    m = x.numel() // d
+    (sxo, sxi), (szo, szi), (syo, syi) = strides
+    n_groups = d // group
+    block_n = triton.next_power_of_2(group)
+    block_m, warps = _tile(block_n, m, 4096)
+    has_w = weight is not None
+    scalars = (m, group, n_groups, inner, sxo, sxi, szo, szi, syo, syi,
+               weight.stride(0) if has_w else 0, float(eps), float(weight_offset))
+    flags = dict(HAS_W=has_w, NORM_BEFORE_GATE=norm_before_gate, ACT=act, GATE_LOW=gate_low,
+                 ROUND_NORMED=round_normed, ROUND_WEIGHTED=round_weighted,
+                 ROUND_W_EFF=round_w_eff and has_w)
+    return LaunchPlan(rms_norm_gated_fwd_kernel, (triton.cdiv(m, block_m), n_groups), scalars,
+                      _keywords(flags, block_m, block_n, warps), x.device.index)
+
+
+def forward_plan(x: Tensor, z: Tensor, weight: Optional[Tensor], y: Tensor, *flags) -> Optional[LaunchPlan]:
+    """The forward launch for operands shaped, strided and typed like these (at least one row),
+    called as ``plan(x, z, weight or x, y, rstd)``; None when a tensor would need a copy first.
+    ``flags`` are ``rms_norm_gated_forward``'s arguments after ``rstd``."""
+    tensors, inner, strides = row_layout([x, z, y])
+    if not _unchanged([x, z, y], tensors):
+        return None
+    return _forward_plan(x, z, weight, y, inner, strides, *flags)
 
 
 def rms_norm_gated_forward(x: Tensor, z: Tensor, weight: Optional[Tensor], y: Tensor, rstd: Tensor,
@@ -259,19 +292,10 @@ def rms_norm_gated_forward(x: Tensor, z: Tensor, weight: Optional[Tensor], y: Te
     m = x.numel() // d if d else 0
     if m == 0:
         return
-    (x, z, y), inner, ((sxo, sxi), (szo, szi), (syo, syi)) = row_layout([x, z, y])
-    n_groups = d // group
-    block_n = triton.next_power_of_2(group)
-    block_m, warps = _tile(block_n, m, 4096)
-    has_w = weight is not None
-    w = weight if has_w else x
-    args = (x, z, w, y, rstd, m, group, n_groups, inner, sxo, sxi, szo, szi, syo, syi,
-            w.stride(0) if has_w else 0, float(eps), float(weight_offset))
-    flags = dict(HAS_W=has_w, NORM_BEFORE_GATE=norm_before_gate, ACT=act, GATE_LOW=gate_low,
-                 ROUND_NORMED=round_normed, ROUND_WEIGHTED=round_weighted,
-                 ROUND_W_EFF=round_w_eff and has_w)
-    grid = (triton.cdiv(m, block_m), n_groups)
-    _launch(rms_norm_gated_fwd_kernel, grid, args, flags, block_m, block_n, warps)
+    (x, z, y), inner, strides = row_layout([x, z, y])
+    plan = _forward_plan(x, z, weight, y, inner, strides, eps, group, norm_before_gate, act,
+                         weight_offset, gate_low, round_normed, round_weighted, round_w_eff)
+    plan(x, z, weight if weight is not None else x, y, rstd)
 
 
 _WORKSPACE_BYTES = 16 << 20
@@ -289,6 +313,40 @@ def _programs(x: Tensor, row_blocks: int, n_groups: int) -> int:
     return max(1, min(row_blocks, cap))
 
 
+def _backward_plan(dy: Tensor, x: Tensor, z: Tensor, weight: Optional[Tensor], out: Tensor,
+                   inner: int, strides: list, need_x: bool, need_z: bool, need_weight: bool,
+                   group: int, norm_before_gate: bool, act: int,
+                   weight_offset: float) -> tuple[LaunchPlan, int]:
+    d = x.shape[-1]
+    m = x.numel() // d
+    (sdo, sdi), (sxo, sxi), (szo, szi), (sgo, sgi) = strides
+    n_groups = d // group
+    block_n = triton.next_power_of_2(group)
+    block_m, warps = _tile(block_n, m, 4096)
+    progs = _programs(x, triton.cdiv(m, block_m), n_groups)
+    has_w = weight is not None
+    scalars = (m, group, n_groups, inner, sdo, sdi, sxo, sxi, szo, szi, sgo, sgi,
+               weight.stride(0) if has_w else 0, float(weight_offset))
+    flags = dict(HAS_W=has_w, NORM_BEFORE_GATE=norm_before_gate, ACT=act, NEED_X=need_x,
+                 NEED_Z=need_z, NEED_W=need_weight and has_w)
+    plan = LaunchPlan(rms_norm_gated_bwd_kernel, (progs, n_groups), scalars,
+                      _keywords(flags, block_m, block_n, warps), x.device.index)
+    return plan, progs
+
+
+def backward_plan(dy: Tensor, x: Tensor, z: Tensor, weight: Optional[Tensor], out: Tensor,
+                  *flags) -> Optional[tuple[LaunchPlan, int]]:
+    """The backward launch for operands like these (at least one row; ``out`` is x-shaped and
+    contiguous, the layout of dx and dz), and its program count, the rows of the fp32 weight
+    gradient workspace.  Called as ``plan(dy, x, z, weight or x, rstd, dx or out, dz or out,
+    workspace or rstd)``; None when a tensor would need a copy first.  ``flags`` are
+    ``need_x, need_z, need_weight, group, norm_before_gate, act, weight_offset``."""
+    tensors, inner, strides = row_layout([dy, x, z, out])
+    if not _unchanged([dy, x, z, out], tensors):
+        return None
+    return _backward_plan(dy, x, z, weight, out, inner, strides, *flags)
+
+
 def rms_norm_gated_backward(dy: Tensor, x: Tensor, z: Tensor, weight: Optional[Tensor], rstd: Tensor,
                             dx: Optional[Tensor], dz: Optional[Tensor], need_weight: bool,
                             group: int, norm_before_gate: bool, act: int,
@@ -303,17 +361,9 @@ def rms_norm_gated_backward(dy: Tensor, x: Tensor, z: Tensor, weight: Optional[T
         return x.new_zeros((d,), dtype=torch.float32) if need_weight else None
     out = dx if dx is not None else (dz if dz is not None else torch.empty_like(x))
     (dy, x, z, out), inner, strides = row_layout([dy, x, z, out])
-    (sdo, sdi), (sxo, sxi), (szo, szi), (sgo, sgi) = strides
-    n_groups = d // group
-    block_n = triton.next_power_of_2(group)
-    block_m, warps = _tile(block_n, m, 4096)
-    progs = _programs(x, triton.cdiv(m, block_m), n_groups)
+    plan, progs = _backward_plan(dy, x, z, weight, out, inner, strides, dx is not None, dz is not None,
+                                 need_weight, group, norm_before_gate, act, weight_offset)
     ws = torch.empty((progs, d), device=x.device, dtype=torch.float32) if need_weight else rstd
-    w = weight if has_w else x
-    args = (dy, x, z, w, rstd, dx if dx is not None else out, dz if dz is not None else out, ws,
-            m, group, n_groups, inner, sdo, sdi, sxo, sxi, szo, szi, sgo, sgi,
-            w.stride(0) if has_w else 0, float(weight_offset))
-    flags = dict(HAS_W=has_w, NORM_BEFORE_GATE=norm_before_gate, ACT=act, NEED_X=dx is not None,
-                 NEED_Z=dz is not None, NEED_W=need_weight)
-    _launch(rms_norm_gated_bwd_kernel, (progs, n_groups), args, flags, block_m, block_n, warps)
+    plan(dy, x, z, weight if has_w else x, rstd, dx if dx is not None else out,
+         dz if dz is not None else out, ws)
     return ws.sum(0) if need_weight else None

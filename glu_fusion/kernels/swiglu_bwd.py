@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._launch import interpreting, multiprocessors, precision, tile_config
+from ._launch import LaunchPlan, interpreting, multiprocessors, precision, tile_config
 
 
 @triton.jit
@@ -179,10 +179,8 @@ def swiglu_input_grad(dout: Tensor, g: Tensor, u: Tensor, w_gate: Tensor, w_up: 
             w_gate.stride(0), w_gate.stride(1), w_up.stride(0), w_up.stride(1),
             dx.stride(0), dx.stride(1))
 
-    def grid(meta):
-        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_K"]),)
-
     meta = _INTERPRETER_DX if interpreting() else tile_config(_GPU_DX, dout.dtype, m)
+    grid = (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_K"]),)
     swiglu_dx_kernel[grid](*args, PRECISION=precision(allow_tf32), **meta)
 
 
@@ -265,14 +263,21 @@ def swiglu_gate_grad_kernel(
     tl.store(du_ptr + rows * stride_dum + cols * stride_dun, d_u, mask=mask)
 
 
+def gate_grad_plan(dout: Tensor, g: Tensor, u: Tensor, d_g: Tensor, d_u: Tensor) -> LaunchPlan:
+    """The gate-grad launch for [M, N] operands (M, N positive) strided and typed like these;
+    call it with ``(dout, g, u, d_g, d_u)``."""
+    m, n = dout.shape
+    block_m, block_n = (16, 16) if interpreting() else (32, 128)
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    scalars = (m, n, dout.stride(0), dout.stride(1), g.stride(0), g.stride(1),
+               u.stride(0), u.stride(1), d_g.stride(0), d_g.stride(1), d_u.stride(0), d_u.stride(1))
+    return LaunchPlan(swiglu_gate_grad_kernel, grid, scalars, dict(BLOCK_M=block_m, BLOCK_N=block_n),
+                      dout.device.index)
+
+
 def swiglu_gate_grad(dout: Tensor, g: Tensor, u: Tensor, d_g: Tensor, d_u: Tensor) -> None:
     """Write the gate's backward ``dG``, ``dU`` [M, N] (any strides) from dout, g, u."""
     m, n = dout.shape
     if m == 0 or n == 0:
         return
-    block_m, block_n = (16, 16) if interpreting() else (32, 128)
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
-    swiglu_gate_grad_kernel[grid](
-        dout, g, u, d_g, d_u, m, n, dout.stride(0), dout.stride(1), g.stride(0), g.stride(1),
-        u.stride(0), u.stride(1), d_g.stride(0), d_g.stride(1), d_u.stride(0), d_u.stride(1),
-        BLOCK_M=block_m, BLOCK_N=block_n)
+    gate_grad_plan(dout, g, u, d_g, d_u)(dout, g, u, d_g, d_u)

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._launch import interpreting, precision, tile_config
+from ._launch import LaunchPlan, interpreting, precision, tile_config
 
 
 @triton.jit
@@ -90,6 +90,31 @@ _GPU_META = {
 _INTERPRETER_META = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 4}
 
 
+def forward_operands(x: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Optional[Tensor],
+                     b_up: Optional[Tensor], out: Tensor, preact: Optional[Tensor]) -> tuple:
+    """The kernel's tensor arguments, with ``out`` standing in for absent ones."""
+    return (x, w_gate, w_up, b_gate if b_gate is not None else out, b_up if b_up is not None else out,
+            out, preact if preact is not None else out)
+
+
+def forward_plan(x: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Optional[Tensor],
+                 b_up: Optional[Tensor], out: Tensor, preact: Optional[Tensor],
+                 allow_tf32: bool) -> LaunchPlan:
+    """The launch for operands shaped, strided and typed like these (M, N, K all positive);
+    call it with ``forward_operands(...)``."""
+    m, k = x.shape
+    n = w_gate.shape[0]
+    x, w_gate, w_up, bg, bu, out, pre = forward_operands(x, w_gate, w_up, b_gate, b_up, out, preact)
+    scalars = (m, n, k, x.stride(0), x.stride(1), w_gate.stride(0), w_gate.stride(1),
+               w_up.stride(0), w_up.stride(1), bg.stride(0), bu.stride(0),
+               out.stride(0), out.stride(1), pre.stride(0), pre.stride(1))
+    meta = _INTERPRETER_META if interpreting() else tile_config(_GPU_META, x.dtype, m)
+    grid = (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+    keywords = dict(HAS_BIAS=b_gate is not None, SAVE_PREACT=preact is not None,
+                    PRECISION=precision(allow_tf32), **meta)
+    return LaunchPlan(swiglu_fwd_kernel, grid, scalars, keywords, x.device.index)
+
+
 def swiglu_forward(x: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Optional[Tensor],
                    b_up: Optional[Tensor], out: Tensor, preact: Optional[Tensor],
                    allow_tf32: bool) -> None:
@@ -104,18 +129,5 @@ def swiglu_forward(x: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Optional[Ten
         if preact is not None:
             preact.zero_()
         return
-    has_bias = b_gate is not None
-    bg = b_gate if has_bias else out
-    bu = b_up if has_bias else out
-    pre = preact if preact is not None else out
-    args = (x, w_gate, w_up, bg, bu, out, pre, m, n, k,
-            x.stride(0), x.stride(1), w_gate.stride(0), w_gate.stride(1),
-            w_up.stride(0), w_up.stride(1), bg.stride(0), bu.stride(0),
-            out.stride(0), out.stride(1), pre.stride(0), pre.stride(1))
-    flags = dict(HAS_BIAS=has_bias, SAVE_PREACT=preact is not None, PRECISION=precision(allow_tf32))
-
-    def grid(meta):
-        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
-
-    meta = _INTERPRETER_META if interpreting() else tile_config(_GPU_META, x.dtype, m)
-    swiglu_fwd_kernel[grid](*args, **flags, **meta)
+    plan = forward_plan(x, w_gate, w_up, b_gate, b_up, out, preact, allow_tf32)
+    plan(*forward_operands(x, w_gate, w_up, b_gate, b_up, out, preact))

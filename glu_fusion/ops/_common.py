@@ -7,6 +7,8 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
+from .. import config
+
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SUPPORTED_DTYPES = KERNEL_DTYPES + (torch.float64,)
 
@@ -97,3 +99,40 @@ def register_cuda_fast_path(*ops) -> None:
         if impl is None:  # a torch without this attribute: keep the default path
             continue
         lib.impl(op._name, impl, "CUDA")
+
+
+def tensor_key(t: Optional[Tensor]):
+    """What an op's host-side plan depends on for one tensor argument."""
+    return None if t is None else (t.shape, t.stride(), t.dtype, t.device)
+
+
+def plans_enabled(t: Tensor) -> bool:
+    """Whether a call may use the cached per-signature plans: the setting is on and the kernels
+    serve the tensor's device (CUDA, or the CPU through the interpreter, which tests use)."""
+    return config.cached_launch and (t.is_cuda or (t.device.type == "cpu" and interpreter_active()))
+
+
+class PlanCache:
+    """An op's host work for one argument signature (checks, layouts, launch plans), built once.
+
+    ``get(key, *args)`` returns ``build(*args)``, cached by ``key``: shapes, strides, dtypes and
+    devices of the tensors plus every flag the build reads.  A build that raises (bad input)
+    caches nothing, so the error repeats on every call; a build may return None for signatures
+    that take the op's general path.  The cache is emptied when it reaches ``limit`` entries
+    (shapes that change on every call).
+    """
+
+    def __init__(self, build: Callable, limit: int = 1024):
+        self._build = build
+        self._plans: dict = {}
+        self._limit = limit
+
+    def get(self, key, *args):
+        plans = self._plans
+        if key in plans:
+            return plans[key]
+        plan = self._build(*args)
+        if len(plans) >= self._limit:
+            plans.clear()
+        plans[key] = plan
+        return plan

@@ -54,7 +54,8 @@ from torch import Tensor
 
 from .. import reference
 from . import _common
-from ._common import SUPPORTED_DTYPES, check_same, empty_like_nothing, use_kernels
+from ._common import (SUPPORTED_DTYPES, PlanCache, check_same, empty_like_nothing, plans_enabled, tensor_key,
+                      use_kernels)
 
 ACTIVATIONS = {"silu": 0, "sigmoid": 1}
 DOWNCASTS = {"none": 0, "before_weight": 1, "after_weight": 2}
@@ -114,25 +115,67 @@ def _rstd_dtype(x: Tensor) -> torch.dtype:
 def rms_norm_gated(x: Tensor, z: Tensor, weight: Optional[Tensor], eps: float,
                    group_size: Optional[int], norm_before_gate: bool, activation: str,
                    weight_offset: float, downcast: str, gate_in_input_dtype: bool) -> tuple[Tensor, Tensor]:
+    if plans_enabled(x):
+        key = (tensor_key(x), tensor_key(z), tensor_key(weight), eps, group_size, norm_before_gate,
+               activation, weight_offset, downcast, gate_in_input_dtype)
+        plan = _FORWARD_PLANS.get(key, x, z, weight, eps, group_size, norm_before_gate, activation,
+                                  weight_offset, downcast, gate_in_input_dtype)
+        if plan is not None:
+            return plan(x, z, weight)
     _check(x, z, weight, eps, group_size, activation, downcast)
     if not _kernels_serve(x, group_size):
         y, rstd = reference.rms_norm_gated(x, z, weight, eps, group_size, norm_before_gate, activation,
                                            weight_offset, downcast, gate_in_input_dtype)
         return y.contiguous(), rstd.contiguous()
     from ..kernels import rms_norm_gated as kernels
-    d = x.shape[-1]
-    group = _group(d, group_size)
     y = torch.empty(x.shape, device=x.device, dtype=x.dtype)
-    rstd = torch.empty((*x.shape[:-1], d // group), device=x.device, dtype=torch.float32)
+    rstd = torch.empty(_rstd_shape(x, group_size), device=x.device, dtype=torch.float32)
+    kernels.rms_norm_gated_forward(x, z, weight, y, rstd, *_forward_flags(
+        x, weight, eps, group_size, norm_before_gate, activation, weight_offset, downcast, gate_in_input_dtype))
+    return y, rstd
+
+
+def _rstd_shape(x: Tensor, group_size: Optional[int]) -> tuple:
+    d = x.shape[-1]
+    return (*x.shape[:-1], d // _group(d, group_size))
+
+
+def _forward_flags(x, weight, eps, group_size, norm_before_gate, activation, weight_offset, downcast,
+                   gate_in_input_dtype) -> tuple:
+    """The forward kernel's arguments after ``rstd``, from the op's."""
+    from ..kernels import rms_norm_gated as kernels
     mode = DOWNCASTS[downcast]
     round_weighted = mode == kernels.DOWNCAST_AFTER_WEIGHT or (
         mode == kernels.DOWNCAST_BEFORE_WEIGHT
         and (weight is None or torch.promote_types(x.dtype, weight.dtype) == x.dtype))
-    kernels.rms_norm_gated_forward(
-        x, z, weight, y, rstd, eps, group, norm_before_gate, ACTIVATIONS[activation], weight_offset,
-        gate_low=gate_in_input_dtype, round_normed=mode == kernels.DOWNCAST_BEFORE_WEIGHT,
-        round_weighted=round_weighted, round_w_eff=mode != kernels.DOWNCAST_NONE and weight_offset != 0.0)
-    return y, rstd
+    return (eps, _group(x.shape[-1], group_size), norm_before_gate, ACTIVATIONS[activation], weight_offset,
+            gate_in_input_dtype, mode == kernels.DOWNCAST_BEFORE_WEIGHT, round_weighted,
+            mode != kernels.DOWNCAST_NONE and weight_offset != 0.0)
+
+
+def _build_forward_plan(x, z, weight, eps, group_size, norm_before_gate, activation, weight_offset,
+                        downcast, gate_in_input_dtype):
+    """The forward's host work for this argument signature, done once; None: general path."""
+    _check(x, z, weight, eps, group_size, activation, downcast)
+    if not _kernels_serve(x, group_size) or x.numel() == 0:
+        return None
+    from ..kernels import rms_norm_gated as kernels
+    shape, rstd_shape, device, dtype = x.shape, _rstd_shape(x, group_size), x.device, x.dtype
+    launch = kernels.forward_plan(x, z, weight, torch.empty(shape, device=device, dtype=dtype), *_forward_flags(
+        x, weight, eps, group_size, norm_before_gate, activation, weight_offset, downcast, gate_in_input_dtype))
+    if launch is None:
+        return None
+
+    def run(x, z, weight):
+        y = torch.empty(shape, device=device, dtype=dtype)
+        rstd = torch.empty(rstd_shape, device=device, dtype=torch.float32)
+        launch(x, z, weight if weight is not None else x, y, rstd)
+        return y, rstd
+    run.launch = launch
+    return run
+
+
+_FORWARD_PLANS = PlanCache(_build_forward_plan)
 
 
 @rms_norm_gated.register_fake
@@ -151,6 +194,13 @@ def rms_norm_gated_backward(dy: Tensor, x: Tensor, z: Tensor, weight: Optional[T
                             weight_offset: float, need_x: bool, need_z: bool,
                             need_weight: bool) -> tuple[Tensor, Tensor, Tensor]:
     need_weight = need_weight and weight is not None
+    if plans_enabled(x):
+        key = (tensor_key(dy), tensor_key(x), tensor_key(z), tensor_key(weight), tensor_key(rstd), group_size,
+               norm_before_gate, activation, weight_offset, need_x, need_z, need_weight)
+        plan = _BACKWARD_PLANS.get(key, dy, x, z, weight, group_size, norm_before_gate, activation,
+                                   weight_offset, need_x, need_z, need_weight)
+        if plan is not None:
+            return plan(dy, x, z, weight, rstd)
     if not _kernels_serve(x, group_size):
         dx, dz, dw = reference.rms_norm_gated_backward(dy, x, z, weight, rstd, group_size,
                                                        norm_before_gate, activation, weight_offset)
@@ -166,6 +216,36 @@ def rms_norm_gated_backward(dy: Tensor, x: Tensor, z: Tensor, weight: Optional[T
     return (dx.contiguous() if need_x else empty_like_nothing(x),
             dz.contiguous() if need_z else empty_like_nothing(x),
             dw if need_weight else empty_like_nothing(x))
+
+
+def _build_backward_plan(dy, x, z, weight, group_size, norm_before_gate, activation, weight_offset,
+                         need_x, need_z, need_weight):
+    """The backward's host work for this argument signature, done once; None: general path."""
+    if not _kernels_serve(x, group_size) or x.numel() == 0:
+        return None
+    from ..kernels import rms_norm_gated as kernels
+    shape, device, dtype, d = x.shape, x.device, x.dtype, x.shape[-1]
+    planned = kernels.backward_plan(dy, x, z, weight, torch.empty(shape, device=device, dtype=dtype),
+                                    need_x, need_z, need_weight, _group(d, group_size), norm_before_gate,
+                                    ACTIVATIONS[activation], weight_offset)
+    if planned is None:
+        return None
+    launch, programs = planned
+
+    def run(dy, x, z, weight, rstd):
+        dx = torch.empty(shape, device=device, dtype=dtype) if need_x else None
+        dz = torch.empty(shape, device=device, dtype=dtype) if need_z else None
+        out = dx if dx is not None else (dz if dz is not None else torch.empty(shape, device=device, dtype=dtype))
+        ws = torch.empty((programs, d), device=device, dtype=torch.float32) if need_weight else rstd
+        launch(dy, x, z, weight if weight is not None else x, rstd, dx if dx is not None else out,
+               dz if dz is not None else out, ws)
+        return (dx if need_x else empty_like_nothing(x), dz if need_z else empty_like_nothing(x),
+                ws.sum(0).to(weight.dtype) if need_weight else empty_like_nothing(x))
+    run.launch = launch
+    return run
+
+
+_BACKWARD_PLANS = PlanCache(_build_backward_plan)
 
 
 @rms_norm_gated_backward.register_fake

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from .. import config, reference
 from . import _common
-from ._common import check_same, empty_like_nothing, use_kernels
+from ._common import PlanCache, check_same, empty_like_nothing, plans_enabled, tensor_key, use_kernels
 
 # Packed-weight layouts: where the gate rows and the up rows sit in a [2N, K] weight.
 CONCAT_GATE_FIRST = 0      # [Wg; Wu]: out.chunk(2, -1) gives (gate, up)
@@ -77,19 +77,24 @@ def _check_forward(x: Tensor, w_gate: Tensor, w_up: Tensor,
 
 def _forward(x: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Optional[Tensor],
              b_up: Optional[Tensor], save_preact: bool) -> tuple[Tensor, Tensor]:
+    if plans_enabled(x):
+        key = (tensor_key(x), tensor_key(w_gate), tensor_key(w_up), tensor_key(b_gate),
+               tensor_key(b_up), save_preact, torch.get_float32_matmul_precision(), config.forward_tma)
+        plan = _FORWARD_PLANS.get(key, x, w_gate, w_up, b_gate, b_up, save_preact)
+        if plan is not None:
+            result = plan(x, w_gate, w_up, b_gate, b_up)
+            if result is not None:
+                return result
     _check_forward(x, w_gate, w_up, b_gate, b_up)
     n, k = w_gate.shape
     lead = x.shape[:-1]
     x2d = x.reshape(-1, k)
     m = x2d.shape[0]
     if use_kernels(x):
-        from ..kernels import swiglu_forward, swiglu_forward_tma, tma_eligible
+        from ..kernels import swiglu_forward, swiglu_forward_tma
         out = torch.empty((m, n), device=x.device, dtype=x.dtype)
         preact = torch.empty((m, 2 * n), device=x.device, dtype=x.dtype) if save_preact else None
-        halves = (preact[:, :n], preact[:, n:]) if preact is not None else ()
-        tma = (config.forward_tma and m >= _TMA_MIN_TOKENS and k > 0
-               and tma_eligible(x2d, w_gate, w_up, out, *halves))
-        launch = swiglu_forward_tma if tma else swiglu_forward
+        launch = swiglu_forward_tma if _use_tma(x2d, w_gate, w_up, out, preact) else swiglu_forward
         launch(x2d, w_gate, w_up, b_gate, b_up, out, preact, _common.allow_tf32())
     else:
         g, u = reference.swiglu_preact(x2d, w_gate, w_up, b_gate, b_up)
@@ -98,6 +103,61 @@ def _forward(x: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Optional[Tensor],
     if preact is None:
         preact = empty_like_nothing(x)
     return out.reshape(*lead, n), preact
+
+
+def _use_tma(x2d: Tensor, w_gate: Tensor, w_up: Tensor, out: Tensor, preact: Optional[Tensor]) -> bool:
+    from ..kernels import tma_eligible
+    m, k = x2d.shape
+    n = w_gate.shape[0]
+    halves = (preact[:, :n], preact[:, n:]) if preact is not None else ()
+    return (config.forward_tma and m >= _TMA_MIN_TOKENS and k > 0
+            and tma_eligible(x2d, w_gate, w_up, out, *halves))
+
+
+def _build_forward_plan(x: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Optional[Tensor],
+                        b_up: Optional[Tensor], save_preact: bool):
+    """The forward's host work for this argument signature, done once; None: general path.
+
+    The returned ``run(x, w_gate, w_up, b_gate, b_up)`` allocates the outputs and launches; it
+    returns None when this call's operands are not aligned for the TMA kernel."""
+    _check_forward(x, w_gate, w_up, b_gate, b_up)
+    if not use_kernels(x):
+        return None
+    from ..kernels import swiglu_forward_tma
+    from ..kernels.swiglu_fwd import forward_operands, forward_plan
+    n, k = w_gate.shape
+    x2d = x.reshape(-1, k)
+    m = x2d.shape[0]
+    if m == 0 or n == 0 or k == 0 or x2d.data_ptr() != x.data_ptr():
+        return None   # empty problems and inputs that reshape copies take the general path
+    device, dtype = x.device, x.dtype
+    out_2d, out_shape, pre_shape = (m, n), (*x.shape[:-1], n), (m, 2 * n)
+    out = torch.empty(out_2d, device=device, dtype=dtype)
+    preact = torch.empty(pre_shape, device=device, dtype=dtype) if save_preact else None
+    allow_tf32 = _common.allow_tf32()
+
+    if _use_tma(x2d, w_gate, w_up, out, preact):
+        def run_tma(x, w_gate, w_up, b_gate, b_up):
+            if (x.data_ptr() | w_gate.data_ptr() | w_up.data_ptr()) & 15:
+                return None
+            out = torch.empty(out_2d, device=device, dtype=dtype)
+            preact = torch.empty(pre_shape, device=device, dtype=dtype) if save_preact else None
+            swiglu_forward_tma(x.reshape(out_2d[0], k), w_gate, w_up, b_gate, b_up, out, preact, allow_tf32)
+            return out.reshape(out_shape), preact if save_preact else empty_like_nothing(x)
+        return run_tma
+
+    launch = forward_plan(x2d, w_gate, w_up, b_gate, b_up, out, preact, allow_tf32)
+
+    def run(x, w_gate, w_up, b_gate, b_up):
+        out = torch.empty(out_shape, device=device, dtype=dtype)
+        preact = torch.empty(pre_shape, device=device, dtype=dtype) if save_preact else None
+        launch(*forward_operands(x, w_gate, w_up, b_gate, b_up, out, preact))
+        return out, preact if save_preact else empty_like_nothing(x)
+    run.launch = launch
+    return run
+
+
+_FORWARD_PLANS = PlanCache(_build_forward_plan)
 
 
 def _fake_forward(x: Tensor, n: int, save_preact: bool) -> tuple[Tensor, Tensor]:
@@ -171,11 +231,15 @@ def _(dout, preact, w_gate, w_up):
 def swiglu_dh(dout: Tensor, preact: Tensor, layout: int) -> Tensor:
     """The gate's backward ``dH`` [M, 2N], its dG and dU columns placed as ``layout`` places
     the gate and up rows of a packed weight, so that ``dX = dH·W`` and ``dW = dHᵀ·x``."""
+    if plans_enabled(dout):
+        plan = _DH_PLANS.get((tensor_key(dout), tensor_key(preact), layout), dout, preact, layout)
+        if plan is not None:
+            return plan(dout, preact)
     n = preact.shape[1] // 2
     dout2d = dout.reshape(-1, n)
     g, u = _preact_halves(preact)
     dh = preact.new_empty((dout2d.shape[0], 2 * n))
-    d_g_out, d_u_out = (t.t() for t in packed_views(dh.t(), layout))
+    d_g_out, d_u_out = _dh_halves(dh, layout)
     if use_kernels(dout):
         from ..kernels import swiglu_gate_grad
         swiglu_gate_grad(dout2d, g, u, d_g_out, d_u_out)
@@ -184,6 +248,35 @@ def swiglu_dh(dout: Tensor, preact: Tensor, layout: int) -> Tensor:
         d_g_out.copy_(d_g)
         d_u_out.copy_(d_u)
     return dh
+
+
+def _dh_halves(dh: Tensor, layout: int) -> tuple[Tensor, Tensor]:
+    """The dG and dU column views of ``dh``, placed as ``layout`` places the weight's rows."""
+    return tuple(t.t() for t in packed_views(dh.t(), layout))
+
+
+def _build_dh_plan(dout: Tensor, preact: Tensor, layout: int):
+    """``swiglu_dh``'s host work for this signature, done once; None: general path."""
+    if not use_kernels(dout):
+        return None
+    from ..kernels.swiglu_bwd import gate_grad_plan
+    n = preact.shape[1] // 2
+    dout2d = dout.reshape(-1, n)
+    m = dout2d.shape[0]
+    if m == 0 or n == 0 or dout2d.data_ptr() != dout.data_ptr():
+        return None
+    dh = preact.new_empty((m, 2 * n))
+    launch = gate_grad_plan(dout2d, *_preact_halves(preact), *_dh_halves(dh, layout))
+
+    def run(dout, preact):
+        dh = preact.new_empty((m, 2 * n))
+        launch(dout, *_preact_halves(preact), *_dh_halves(dh, layout))
+        return dh
+    run.launch = launch
+    return run
+
+
+_DH_PLANS = PlanCache(_build_dh_plan)
 
 
 @swiglu_dh.register_fake
