@@ -6,6 +6,7 @@
 #   bash benchmarks/device_run.sh norm    gated RMSNorm benchmark
 #   bash benchmarks/device_run.sh e2e     end-to-end training step
 #   bash benchmarks/device_run.sh host    host time per call at tiny sizes (layers, ops, compiled, profiles)
+#   bash benchmarks/device_run.sh kernels GPU time of every kernel in one forward+backward (profiler)
 #   bash benchmarks/device_run.sh tune    forward-kernel tile/schedule sweep (not part of "all")
 #   bash benchmarks/device_run.sh plots   PNG plots from the SwiGLU and gated-norm JSON
 #   bash benchmarks/device_run.sh all     everything, in that order
@@ -17,7 +18,7 @@ export PYTHONPATH=/tmp/site:$PWD
 python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . 2>&1 | tail -3
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 quick=""; [ "${2:-}" = quick ] && quick="--quick"
-for stage in $( [ "${1:-all}" = all ] && echo tests cpu host swiglu norm e2e plots || echo "$1" ); do
+for stage in $( [ "${1:-all}" = all ] && echo tests cpu host kernels swiglu norm e2e plots || echo "$1" ); do
   start=$(date +%s)
   case "$stage" in
     tests) python3 -m pytest -q -m gpu tests -rs -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
@@ -26,6 +27,7 @@ for stage in $( [ "${1:-all}" = all ] && echo tests cpu host swiglu norm e2e plo
     norm) python3 benchmarks/bench_rms_norm_gated.py $quick --json "$OUT/norm.json" --md "$OUT/norm.md" 2>/tmp/norm.err || tail -20 /tmp/norm.err ;;
     plots) python3 benchmarks/plot.py --swiglu "$OUT/swiglu.json" --norm "$OUT/norm.json" --out "$OUT" ;;
     host) python3 benchmarks/host_overhead.py 2>&1 | tee "$OUT/host_overhead.txt" | tail -120 ;;
+    kernels) python3 benchmarks/kernel_times.py --out "$OUT/kernel_times.txt" 2>&1 | tail -60 ;;
     tune) python3 benchmarks/tune_swiglu_fwd.py --json "$OUT/tune.json" 2>&1 | tail -80 ;;
     e2e) python3 benchmarks/bench_e2e.py --json "$OUT/e2e.json" --md "$OUT/e2e.md" 2>/tmp/e2e.err || tail -20 /tmp/e2e.err ;;
   esac

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 import glu_fusion
 from glu_fusion import config
+from glu_fusion.report import REPORT
 from glu_fusion.kernels import swiglu_fwd
 from glu_fusion.ops import rms_norm_gated as norm_ops
 from glu_fusion.ops import swiglu as swiglu_ops
@@ -159,6 +160,7 @@ def compiled() -> None:
     z = torch.randn_like(x, requires_grad=True)
     norm, swiglu = NormModule(), SwigluModule()
     cases = {}
+    REPORT.reset()
     for backend in ("inductor", glu_fusion.backend):
         label = "inductor" if backend == "inductor" else "ours"
         torch._dynamo.reset()
@@ -171,7 +173,10 @@ def compiled() -> None:
             fwd_bwd()
             with torch.no_grad():
                 fwd()
-    print("\n--- torch.compile, us per call")
+    counts = REPORT.counts()
+    assert counts.get("swiglu") and counts.get("rms_norm_gated"), f"the pass did not rewrite both: {counts}"
+    print(f"\nrewrites by our pass: {counts}")
+    print("--- torch.compile, us per call")
     for name, (fwd, fwd_bwd) in cases.items():
         with torch.no_grad():
             f_us = per_call_us(fwd)

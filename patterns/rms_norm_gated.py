@@ -103,19 +103,27 @@ class _Site:
 
 
 def _gate(node, site: _Site) -> Optional[fx.Node]:
-    """``act(z)`` or ``act(z.float())``: records z, the activation and the gate's precision."""
-    found = _act(node)
+    """``act(z)``, ``act(z.float())`` or ``act(z.float()).to(z.dtype)``: records z, the
+    activation and the gate's precision (the last spelling rounds like ``act(z)`` in z's dtype,
+    which computes in fp32 and rounds once)."""
+    found, outer = _act(node), []
     if found is None:
-        return None
+        cast = _cast(node)
+        found = _act(cast[0]) if cast is not None and isinstance(cast[0], fx.Node) else None
+        if found is None:
+            return None
+        outer, node = [node], cast[0]
     site.activation, operand = found
     z, casts = _uncast(operand)
     tz = fake(z)
     if tz is None or (casts and _cast(casts[0])[1] != _FP32):
         return None
+    if outer and (not casts or _cast(outer[0])[1] != tz.dtype):
+        return None
     site.z = z
-    site.gate_low = not casts and tz.dtype != _FP32
-    site.nodes += [node, *casts]
-    return node
+    site.gate_low = (not casts or bool(outer)) and tz.dtype != _FP32
+    site.nodes += [*outer, node, *casts]
+    return outer[0] if outer else node
 
 
 def _norm_input(s: fx.Node, site: _Site) -> bool:

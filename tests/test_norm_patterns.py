@@ -20,6 +20,7 @@ EXPECTED_BF16 = {
     "fp32_weight_gate": (True, "silu", 0.0, "none", False),
     "rms_norm_fn_then_silu": (True, "silu", 0.0, "after_weight", True),
     "llama_module_then_silu": (True, "silu", 0.0, "before_weight", True),
+    "llama_module_then_fp32_silu": (True, "silu", 0.0, "before_weight", True),
     "gated_before_norm_hf": (False, "silu", 0.0, "before_weight", False),
     "offset_sigmoid": (True, "sigmoid", 1.0, "none", False),
 }

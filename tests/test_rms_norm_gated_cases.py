@@ -128,6 +128,14 @@ def llama_module_then_silu(x, z, w, eps):
     return (w * h.to(dt)) * F.silu(z)
 
 
+def llama_module_then_fp32_silu(x, z, w, eps):
+    """A Llama-style RMSNorm module, then the gate computed in fp32 and cast back first."""
+    dt = x.dtype
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return w * h.to(dt) * F.silu(z.float()).to(dt)
+
+
 def gated_before_norm_hf(x, z, w, eps):
     """HF Mamba-2 / Bamba / FalconH1 gated norm: gate first (fp32), weight after the downcast."""
     dt = x.dtype
@@ -168,6 +176,8 @@ SPELLINGS = [
     Spelling("rms_norm_fn_then_silu", rms_norm_fn_then_silu,
              _kw(downcast="after_weight", gate_in_input_dtype=True)),
     Spelling("llama_module_then_silu", llama_module_then_silu,
+             _kw(downcast="before_weight", gate_in_input_dtype=True)),
+    Spelling("llama_module_then_fp32_silu", llama_module_then_fp32_silu,
              _kw(downcast="before_weight", gate_in_input_dtype=True)),
     Spelling("gated_before_norm_hf", gated_before_norm_hf,
              _kw(norm_before_gate=False, downcast="before_weight")),
