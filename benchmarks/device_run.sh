@@ -7,6 +7,7 @@
 #   bash benchmarks/device_run.sh e2e     end-to-end training step
 #   bash benchmarks/device_run.sh host    host time per call at tiny sizes (layers, ops, compiled, profiles)
 #   bash benchmarks/device_run.sh kernels GPU time of every kernel in one forward+backward (profiler)
+#   bash benchmarks/device_run.sh tunenorm gated-norm tile and workspace sweep (not part of "all")
 #   bash benchmarks/device_run.sh tune    forward-kernel tile/schedule sweep (not part of "all")
 #   bash benchmarks/device_run.sh plots   PNG plots from the SwiGLU and gated-norm JSON
 #   bash benchmarks/device_run.sh all     everything, in that order
@@ -28,6 +29,7 @@ for stage in $( [ "${1:-all}" = all ] && echo tests cpu host kernels swiglu norm
     plots) python3 benchmarks/plot.py --swiglu "$OUT/swiglu.json" --norm "$OUT/norm.json" --out "$OUT" ;;
     host) python3 benchmarks/host_overhead.py 2>&1 | tee "$OUT/host_overhead.txt" | tail -120 ;;
     kernels) python3 benchmarks/kernel_times.py --out "$OUT/kernel_times.txt" 2>&1 | tail -60 ;;
+    tunenorm) python3 benchmarks/tune_norm_bwd.py 2>&1 | tee "$OUT/tune_norm.txt" | tail -60 ;;
     tune) python3 benchmarks/tune_swiglu_fwd.py --json "$OUT/tune.json" 2>&1 | tail -80 ;;
     e2e) python3 benchmarks/bench_e2e.py --json "$OUT/e2e.json" --md "$OUT/e2e.md" 2>/tmp/e2e.err || tail -20 /tmp/e2e.err ;;
   esac

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["enabled_by_env", "rewrite_devices", "recompute", "forward_tma", "backward", "cached_launch", "settings_key"]
+__all__ = ["enabled_by_env", "rewrite_devices", "recompute", "forward_tma", "forward", "backward", "cached_launch", "settings_key"]
 
 
 def _env_flag(name: str, default: bool = False) -> bool:
@@ -39,6 +39,16 @@ recompute: bool = _env_flag("GLU_FUSION_RECOMPUTE")
 #: where every operand is TMA-addressable and M >= 2048 (below that the pointer kernel measured
 #: faster); ``0`` keeps the pointer kernel everywhere.
 forward_tma: bool = _env_flag("GLU_FUSION_TMA", default=True)
+
+#: ``GLU_FUSION_FORWARD`` selects the SwiGLU forward of training calls (those that save the
+#: pre-activations for backward) from ``_CUBLAS_MIN_TOKENS`` tokens up: ``auto`` (default):
+#: two cuBLAS GEMMs write the pre-activations, then one elementwise kernel applies the gate,
+#: which measured 8% faster than our fused GEMM on the H100 (benchmarks/NOTES.md, run 13);
+#: ``fused``: the fused GEMM-with-gate kernel always.  Inference calls always use the fused
+#: kernel, which writes only the output.
+forward: str = os.environ.get("GLU_FUSION_FORWARD", "auto").strip().lower() or "auto"
+if forward not in ("auto", "fused"):
+    raise ValueError(f"GLU_FUSION_FORWARD must be 'auto' or 'fused', got {forward!r}")
 
 #: ``GLU_FUSION_BACKWARD`` selects how the SwiGLU backward runs on the GPU:
 #: ``gemm`` (default): one elementwise Triton kernel writes ``dH = [dG | dU]`` in the weight's

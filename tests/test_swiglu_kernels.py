@@ -197,6 +197,31 @@ def test_tma_forward(layout, bias, monkeypatch):
     assert calls, "the op did not take the TMA path"
 
 
+@pytest.mark.parametrize("layout", ["separate", "concat_up_first", "interleaved"])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_cublas_forward_for_training(layout, bias, dtype, monkeypatch):
+    """Training calls from _CUBLAS_MIN_TOKENS up: GEMMs into the saved pre-activations, then
+    the gate kernel; forward and every gradient match float64, and inference keeps the fused
+    kernel."""
+    from glu_fusion.ops import swiglu as swiglu_ops
+
+    import glu_fusion.kernels as kernels
+
+    monkeypatch.setattr(swiglu_ops, "_CUBLAS_MIN_TOKENS", 1)
+    monkeypatch.setattr(swiglu_ops, "_FORWARD_PLANS", swiglu_ops.PlanCache(swiglu_ops._build_forward_plan))
+    calls = []
+    real = kernels.swiglu_gate
+    monkeypatch.setattr(kernels, "swiglu_gate", lambda *a: calls.append(1) or real(*a))
+    problem = make_problem(layout, (3, 11), 40, 24, dtype, bias)
+    check_against_float64(problem, TOLERANCE[dtype])
+    assert calls, "the training call did not take the cuBLAS path"
+    calls.clear()
+    with torch.no_grad():
+        problem.run()
+    assert not calls, "an inference call took the cuBLAS path"
+
+
 def test_tma_forward_writes_every_element():
     from glu_fusion.kernels import swiglu_forward_tma
 

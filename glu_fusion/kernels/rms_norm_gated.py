@@ -235,6 +235,14 @@ def row_layout(tensors: list) -> tuple[list, int, list]:
     raise AssertionError("contiguous tensors always have a row layout")
 
 
+# Elements per program tile, forward and backward, by the swept optimum at 524288 rows on the
+# H100 (benchmarks/tune_norm_bwd.py, NOTES.md run 12): the backward is 15-17% faster with 2048
+# elements than with 4096 at D=128 and D=1024, while D=256 (block width 256) prefers 4096.
+FWD_TILE_ELEMENTS = 4096
+BWD_TILE_ELEMENTS = 2048
+BWD_TILE_ELEMENTS_BY_WIDTH = {256: 4096}
+
+
 def _tile(n_block: int, rows: int, target: int) -> tuple[int, int]:
     """Rows per program and warps: about ``target`` elements per tile."""
     block_m = max(1, min(target // n_block, triton.next_power_of_2(max(rows, 1))))
@@ -261,7 +269,7 @@ def _forward_plan(x: Tensor, z: Tensor, weight: Optional[Tensor], y: Tensor, inn
     (sxo, sxi), (szo, szi), (syo, syi) = strides
     n_groups = d // group
     block_n = triton.next_power_of_2(group)
-    block_m, warps = _tile(block_n, m, 4096)
+    block_m, warps = _tile(block_n, m, FWD_TILE_ELEMENTS)
     has_w = weight is not None
     scalars = (m, group, n_groups, inner, sxo, sxi, szo, szi, syo, syi,
                weight.stride(0) if has_w else 0, float(eps), float(weight_offset))
@@ -298,14 +306,15 @@ def rms_norm_gated_forward(x: Tensor, z: Tensor, weight: Optional[Tensor], y: Te
     plan(x, z, weight if weight is not None else x, y, rstd)
 
 
-_WORKSPACE_BYTES = 16 << 20
+_WORKSPACE_BYTES = 4 << 20
 
 
 def _programs(x: Tensor, row_blocks: int, n_groups: int) -> int:
     """Row programs per group.  One program per row block keeps many loads in flight (a few
     programs walking many blocks each left the D=128 backward latency-bound: 1.10 ms against
     Inductor's 0.67 at 524288 rows, benchmarks/NOTES.md); the fp32 weight-gradient workspace
-    ``[programs, D]`` caps that at about 16 MB, and never fewer than four waves of programs."""
+    ``[programs, D]`` caps that at about 4 MB (the sweep's best against 1 and 16 MB), and never
+    fewer than four waves of programs."""
     if interpreting() or not x.is_cuda:
         return min(row_blocks, 2)
     d = x.shape[-1]
@@ -322,7 +331,7 @@ def _backward_plan(dy: Tensor, x: Tensor, z: Tensor, weight: Optional[Tensor], o
     (sdo, sdi), (sxo, sxi), (szo, szi), (sgo, sgi) = strides
     n_groups = d // group
     block_n = triton.next_power_of_2(group)
-    block_m, warps = _tile(block_n, m, 4096)
+    block_m, warps = _tile(block_n, m, BWD_TILE_ELEMENTS_BY_WIDTH.get(block_n, BWD_TILE_ELEMENTS))
     progs = _programs(x, triton.cdiv(m, block_m), n_groups)
     has_w = weight is not None
     scalars = (m, group, n_groups, inner, sdo, sdi, sxo, sxi, szo, szi, sgo, sgi,

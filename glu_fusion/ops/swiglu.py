@@ -36,6 +36,8 @@ LAYOUTS = {"concat": CONCAT_GATE_FIRST, "concat_up_first": CONCAT_UP_FIRST,
 
 # The persistent TMA forward wins from about this many tokens on (H100, benchmarks/NOTES.md).
 _TMA_MIN_TOKENS = 2048
+# From this many tokens on, training calls run cuBLAS and the gate kernel (``config.forward``).
+_CUBLAS_MIN_TOKENS = 512
 
 
 def packed_views(t: Tensor, layout: int) -> tuple[Tensor, Tensor]:
@@ -79,7 +81,8 @@ def _forward(x: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Optional[Tensor],
              b_up: Optional[Tensor], save_preact: bool) -> tuple[Tensor, Tensor]:
     if plans_enabled(x):
         key = (tensor_key(x), tensor_key(w_gate), tensor_key(w_up), tensor_key(b_gate),
-               tensor_key(b_up), save_preact, torch.get_float32_matmul_precision(), config.forward_tma)
+               tensor_key(b_up), save_preact, torch.get_float32_matmul_precision(), config.forward_tma,
+               config.forward)
         plan = _FORWARD_PLANS.get(key, x, w_gate, w_up, b_gate, b_up, save_preact)
         if plan is not None:
             result = plan(x, w_gate, w_up, b_gate, b_up)
@@ -94,8 +97,11 @@ def _forward(x: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Optional[Tensor],
         from ..kernels import swiglu_forward, swiglu_forward_tma
         out = torch.empty((m, n), device=x.device, dtype=x.dtype)
         preact = torch.empty((m, 2 * n), device=x.device, dtype=x.dtype) if save_preact else None
-        launch = swiglu_forward_tma if _use_tma(x2d, w_gate, w_up, out, preact) else swiglu_forward
-        launch(x2d, w_gate, w_up, b_gate, b_up, out, preact, _common.allow_tf32())
+        if _use_cublas(m, k, save_preact):
+            _forward_cublas(x2d, w_gate, w_up, b_gate, b_up, out, preact)
+        else:
+            launch = swiglu_forward_tma if _use_tma(x2d, w_gate, w_up, out, preact) else swiglu_forward
+            launch(x2d, w_gate, w_up, b_gate, b_up, out, preact, _common.allow_tf32())
     else:
         g, u = reference.swiglu_preact(x2d, w_gate, w_up, b_gate, b_up)
         out = reference.swiglu_gate(g, u)
@@ -103,6 +109,25 @@ def _forward(x: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Optional[Tensor],
     if preact is None:
         preact = empty_like_nothing(x)
     return out.reshape(*lead, n), preact
+
+
+def _use_cublas(m: int, k: int, save_preact: bool) -> bool:
+    return save_preact and config.forward == "auto" and m >= _CUBLAS_MIN_TOKENS and k > 0
+
+
+def _forward_cublas(x2d: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Optional[Tensor],
+                    b_up: Optional[Tensor], out: Tensor, preact: Tensor) -> None:
+    """Training forward: cuBLAS writes g and u straight into the saved pre-activations (as
+    ``F.linear`` rounds them), then one elementwise kernel writes ``silu(g)·u``."""
+    from ..kernels import swiglu_gate
+    g, u = _preact_halves(preact)
+    if b_gate is None:
+        torch.mm(x2d, w_gate.t(), out=g)
+        torch.mm(x2d, w_up.t(), out=u)
+    else:
+        torch.addmm(b_gate, x2d, w_gate.t(), out=g)
+        torch.addmm(b_up, x2d, w_up.t(), out=u)
+    swiglu_gate(g, u, out)
 
 
 def _use_tma(x2d: Tensor, w_gate: Tensor, w_up: Tensor, out: Tensor, preact: Optional[Tensor]) -> bool:
@@ -135,6 +160,14 @@ def _build_forward_plan(x: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Optiona
     out = torch.empty(out_2d, device=device, dtype=dtype)
     preact = torch.empty(pre_shape, device=device, dtype=dtype) if save_preact else None
     allow_tf32 = _common.allow_tf32()
+
+    if _use_cublas(m, k, save_preact):
+        def run_cublas(x, w_gate, w_up, b_gate, b_up):
+            out = torch.empty(out_2d, device=device, dtype=dtype)
+            preact = torch.empty(pre_shape, device=device, dtype=dtype)
+            _forward_cublas(x.reshape(out_2d[0], k), w_gate, w_up, b_gate, b_up, out, preact)
+            return out.reshape(out_shape), preact
+        return run_cublas
 
     if _use_tma(x2d, w_gate, w_up, out, preact):
         def run_tma(x, w_gate, w_up, b_gate, b_up):
