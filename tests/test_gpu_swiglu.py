@@ -76,11 +76,14 @@ def test_against_float64_and_eager(layout, m, kn, dtype, bias):
 
 @pytest.mark.parametrize("forward", ["auto", "fused"])
 def test_training_forward_paths_agree(forward, monkeypatch):
-    """The training forward at a large shape through cuBLAS + gate (auto) and through the fused
-    TMA kernel: both within the bf16 bound of float64, forward and gradients."""
+    """The training forward through cuBLAS + gate (auto, threshold lowered to take it) and
+    through the fused TMA kernel: both within the bf16 bound of float64, forward and gradients."""
     from glu_fusion import config
+    from glu_fusion.ops import swiglu as swiglu_ops
 
     monkeypatch.setattr(config, "forward", forward)
+    monkeypatch.setattr(swiglu_ops, "_CUBLAS_MIN_TOKENS", 1)
+    monkeypatch.setattr(swiglu_ops, "_FORWARD_PLANS", swiglu_ops.PlanCache(swiglu_ops._build_forward_plan))
     torch.manual_seed(7)
     problem = make_problem("separate", (4096,), 1024, 3072, torch.bfloat16, False, device="cuda")
     dout = torch.randn(4096, 3072, device="cuda", dtype=torch.bfloat16)

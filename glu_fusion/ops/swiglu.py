@@ -36,8 +36,9 @@ LAYOUTS = {"concat": CONCAT_GATE_FIRST, "concat_up_first": CONCAT_UP_FIRST,
 
 # The persistent TMA forward wins from about this many tokens on (H100, benchmarks/NOTES.md).
 _TMA_MIN_TOKENS = 2048
-# From this many tokens on, training calls run cuBLAS and the gate kernel (``config.forward``).
-_CUBLAS_MIN_TOKENS = 512
+# From this many tokens on, training calls run cuBLAS and the gate kernel (``config.forward``):
+# faster at M=16384 on the H100, slower at M=1024 (benchmarks/NOTES.md, run 14).
+_CUBLAS_MIN_TOKENS = 8192
 
 
 def packed_views(t: Tensor, layout: int) -> tuple[Tensor, Tensor]:
