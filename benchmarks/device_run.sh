@@ -10,6 +10,7 @@
 #   bash benchmarks/device_run.sh tunenorm gated-norm tile and workspace sweep (not part of "all")
 #   bash benchmarks/device_run.sh tune    forward-kernel tile/schedule sweep (not part of "all")
 #   bash benchmarks/device_run.sh plots   PNG plots from the SwiGLU and gated-norm JSON
+#   bash benchmarks/device_run.sh bench   the benchmark suite alone: swiglu norm e2e kernels plots (~7 min)
 #   bash benchmarks/device_run.sh all     everything, in that order
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -19,7 +20,12 @@ export PYTHONPATH=/tmp/site:$PWD
 python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . 2>&1 | tail -3
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 quick=""; [ "${2:-}" = quick ] && quick="--quick"
-for stage in $( [ "${1:-all}" = all ] && echo tests cpu host kernels swiglu norm e2e plots || echo "$1" ); do
+case "${1:-all}" in
+  all) stages="tests cpu host kernels swiglu norm e2e plots" ;;
+  bench) stages="swiglu norm e2e kernels plots" ;;
+  *) stages="$1" ;;
+esac
+for stage in $stages; do
   start=$(date +%s)
   case "$stage" in
     tests) python3 -m pytest -q -m gpu tests -rs -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
