@@ -1,4 +1,5 @@
-"""Launch helpers shared by the kernels: interpreter detection, tile tables, dot precision."""
+"""Launch helpers shared by the kernels: interpreter detection, tile tables, dot precision, and
+launch plans that call a compiled binary directly."""
 from __future__ import annotations
 
 import functools
