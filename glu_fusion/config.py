@@ -63,7 +63,8 @@ if backward not in ("fused", "gemm"):
 
 
 #: ``GLU_FUSION_CACHED_LAUNCH`` (default 1): launch our Triton kernels through the binary cached
-#: per argument signature, skipping Triton's per-call binding (``kernels._launch.CachedLauncher``);
+#: per argument signature, skipping Triton's per-call binding (``ops._common.PlanCache``,
+#: ``kernels._launch.LaunchPlan``);
 #: ``0`` takes Triton's ordinary launch path on every call.
 cached_launch: bool = _env_flag("GLU_FUSION_CACHED_LAUNCH", default=True)
 

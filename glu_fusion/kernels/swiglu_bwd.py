@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._elementwise import elementwise_plan, tile_2d
 from ._launch import LaunchPlan, interpreting, multiprocessors, precision, tile_config
 
 
@@ -251,11 +252,7 @@ def swiglu_gate_grad_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Elementwise: write dG and dU (through their strides, e.g. into a packed dH)."""
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows = offs_m.to(tl.int64)[:, None]
-    cols = offs_n.to(tl.int64)[None, :]
-    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    rows, cols, mask = tile_2d(M, N, BLOCK_M, BLOCK_N)
     d_g, d_u = _gate_grads(d_ptr + rows * stride_dm + cols * stride_dn,
                            g_ptr + rows * stride_gm + cols * stride_gn,
                            u_ptr + rows * stride_um + cols * stride_un, mask)
@@ -267,12 +264,9 @@ def gate_grad_plan(dout: Tensor, g: Tensor, u: Tensor, d_g: Tensor, d_u: Tensor)
     """The gate-grad launch for [M, N] operands (M, N positive) strided and typed like these;
     call it with ``(dout, g, u, d_g, d_u)``."""
     m, n = dout.shape
-    block_m, block_n = (16, 16) if interpreting() else (32, 128)
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
-    scalars = (m, n, dout.stride(0), dout.stride(1), g.stride(0), g.stride(1),
-               u.stride(0), u.stride(1), d_g.stride(0), d_g.stride(1), d_u.stride(0), d_u.stride(1))
-    return LaunchPlan(swiglu_gate_grad_kernel, grid, scalars, dict(BLOCK_M=block_m, BLOCK_N=block_n),
-                      dout.device.index)
+    strides = (dout.stride(0), dout.stride(1), g.stride(0), g.stride(1), u.stride(0), u.stride(1),
+               d_g.stride(0), d_g.stride(1), d_u.stride(0), d_u.stride(1))
+    return elementwise_plan(swiglu_gate_grad_kernel, m, n, strides, dout.device.index)
 
 
 def swiglu_gate_grad(dout: Tensor, g: Tensor, u: Tensor, d_g: Tensor, d_u: Tensor) -> None:

@@ -9,7 +9,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._launch import LaunchPlan, interpreting
+from ._elementwise import elementwise_plan, tile_2d
+from ._launch import LaunchPlan
 
 
 @triton.jit
@@ -18,11 +19,7 @@ def swiglu_gate_kernel(
     stride_gm, stride_gn, stride_um, stride_un, stride_om, stride_on,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows = offs_m.to(tl.int64)[:, None]
-    cols = offs_n.to(tl.int64)[None, :]
-    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    rows, cols, mask = tile_2d(M, N, BLOCK_M, BLOCK_N)
     g = tl.load(g_ptr + rows * stride_gm + cols * stride_gn, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(u_ptr + rows * stride_um + cols * stride_un, mask=mask, other=0.0).to(tl.float32)
     out = g * tl.sigmoid(g) * u
@@ -33,11 +30,8 @@ def gate_plan(g: Tensor, u: Tensor, out: Tensor) -> LaunchPlan:
     """The gate launch for [M, N] operands (M, N positive) strided and typed like these;
     call it with ``(g, u, out)``."""
     m, n = g.shape
-    block_m, block_n = (16, 16) if interpreting() else (32, 128)
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
-    scalars = (m, n, g.stride(0), g.stride(1), u.stride(0), u.stride(1), out.stride(0), out.stride(1))
-    return LaunchPlan(swiglu_gate_kernel, grid, scalars, dict(BLOCK_M=block_m, BLOCK_N=block_n),
-                      g.device.index)
+    strides = (g.stride(0), g.stride(1), u.stride(0), u.stride(1), out.stride(0), out.stride(1))
+    return elementwise_plan(swiglu_gate_kernel, m, n, strides, g.device.index)
 
 
 def swiglu_gate(g: Tensor, u: Tensor, out: Tensor) -> None:

@@ -158,17 +158,19 @@ def _build_forward_plan(x: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Optiona
         return None   # empty problems and inputs that reshape copies take the general path
     device, dtype = x.device, x.dtype
     out_2d, out_shape, pre_shape = (m, n), (*x.shape[:-1], n), (m, 2 * n)
-    out = torch.empty(out_2d, device=device, dtype=dtype)
-    preact = torch.empty(pre_shape, device=device, dtype=dtype) if save_preact else None
-    allow_tf32 = _common.allow_tf32()
 
     if _use_cublas(m, k, save_preact):
         def run_cublas(x, w_gate, w_up, b_gate, b_up):
             out = torch.empty(out_2d, device=device, dtype=dtype)
             preact = torch.empty(pre_shape, device=device, dtype=dtype)
-            _forward_cublas(x.reshape(out_2d[0], k), w_gate, w_up, b_gate, b_up, out, preact)
+            _forward_cublas(x.reshape(m, k), w_gate, w_up, b_gate, b_up, out, preact)
             return out.reshape(out_shape), preact
         return run_cublas
+
+    # Outputs laid out as every call will allocate them: the kernels' strides come from these.
+    out = torch.empty(out_2d, device=device, dtype=dtype)
+    preact = torch.empty(pre_shape, device=device, dtype=dtype) if save_preact else None
+    allow_tf32 = _common.allow_tf32()
 
     if _use_tma(x2d, w_gate, w_up, out, preact):
         def run_tma(x, w_gate, w_up, b_gate, b_up):
@@ -176,7 +178,7 @@ def _build_forward_plan(x: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Optiona
                 return None
             out = torch.empty(out_2d, device=device, dtype=dtype)
             preact = torch.empty(pre_shape, device=device, dtype=dtype) if save_preact else None
-            swiglu_forward_tma(x.reshape(out_2d[0], k), w_gate, w_up, b_gate, b_up, out, preact, allow_tf32)
+            swiglu_forward_tma(x.reshape(m, k), w_gate, w_up, b_gate, b_up, out, preact, allow_tf32)
             return out.reshape(out_shape), preact if save_preact else empty_like_nothing(x)
         return run_tma
 
