@@ -2,6 +2,7 @@
 # What the GPU machine runs, in one call per stage; results and logs go to $OUT (or ./out).
 #   bash benchmarks/device_run.sh tests   GPU tests (pytest -m gpu)
 #   bash benchmarks/device_run.sh cpu     the CPU suite on this machine's torch (graph snapshots on 2.11)
+#   bash benchmarks/device_run.sh graphs  the graph-snapshot and op tests alone on this machine's torch
 #   bash benchmarks/device_run.sh swiglu  SwiGLU benchmark (--quick with a second argument "quick")
 #   bash benchmarks/device_run.sh norm    gated RMSNorm benchmark
 #   bash benchmarks/device_run.sh e2e     end-to-end training step
@@ -30,6 +31,8 @@ for stage in $stages; do
   case "$stage" in
     tests) python3 -m pytest -q -m gpu tests -rs -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
     cpu) python3 -m pytest -q -n 8 -m "not gpu" tests -p no:cacheprovider 2>&1 | tail -15 ;;
+    graphs) python3 -m pytest -q -m "not gpu" tests/test_pass_snapshots.py tests/test_saved_preact.py \
+              tests/test_swiglu_ops.py -p no:cacheprovider 2>&1 | tail -15 ;;
     swiglu) python3 benchmarks/bench_swiglu.py $quick --json "$OUT/swiglu.json" --md "$OUT/swiglu.md" 2>/tmp/swiglu.err || tail -20 /tmp/swiglu.err ;;
     norm) python3 benchmarks/bench_rms_norm_gated.py $quick --json "$OUT/norm.json" --md "$OUT/norm.md" 2>/tmp/norm.err || tail -20 /tmp/norm.err ;;
     plots) python3 benchmarks/plot.py --swiglu "$OUT/swiglu.json" --norm "$OUT/norm.json" --out "$OUT" ;;

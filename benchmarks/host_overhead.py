@@ -182,7 +182,8 @@ def compiled() -> None:
             f_us = per_call_us(fwd)
         fb_us = per_call_us(fwd_bwd)
         print(f"{name:22s} fwd {f_us:7.1f}   fwd+bwd {fb_us:7.1f}")
-    for name, grad in (("swiglu ours", False), ("swiglu ours", True), ("norm ours", True)):
+    for name, grad in (("swiglu ours", False), ("swiglu ours", True), ("swiglu inductor", True),
+                       ("norm ours", True), ("norm inductor", True)):
         fwd, fwd_bwd = cases[name]
         prof = cProfile.Profile()
         with torch.set_grad_enabled(grad):

@@ -2,12 +2,16 @@
 
 Where a call is host-bound, ``do_bench`` reports host time; the profiler's CUDA kernel durations
 are what each side costs the GPU, and with the bytes or FLOPs they give achieved bandwidth.
+Gradients are returned (``torch.autograd.grad``), not accumulated into ``.grad``, as in the
+benchmarks.  For SwiGLU it also breaks peak memory down: what the forward leaves alive (its
+output and the tensors saved for backward) and the peak of the whole forward+backward.
 
     python benchmarks/kernel_times.py [--out FILE]
 """
 from __future__ import annotations
 
 import argparse
+import functools
 from collections import defaultdict
 
 import torch
@@ -69,6 +73,26 @@ def report(title: str, cases: dict, bytes_moved: float, lines: list) -> None:
             lines.append(f"    {us:9.1f} us  {name[:110]}")
 
 
+def memory_breakdown(label: str, forward, inputs: tuple, grad_out, lines: list) -> None:
+    """MiB over the inputs: held after the forward (output + saved), and the fwd+bwd peak."""
+    for _ in range(2):
+        torch.autograd.grad(forward(), inputs, grad_out)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = forward()
+    torch.cuda.synchronize()
+    held = torch.cuda.memory_allocated() - base
+    fwd_peak = torch.cuda.max_memory_allocated() - base
+    grads = torch.autograd.grad(out, inputs, grad_out)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    del grads, out
+    mib = 2 ** 20
+    lines.append(f"{label:24s} held after forward {held / mib:7.0f}   forward peak {fwd_peak / mib:7.0f}   "
+                 f"forward+backward peak {peak / mib:7.0f} MiB")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=None)
@@ -83,23 +107,36 @@ def main() -> None:
         dy = torch.randn_like(x)
         module = GatedNorm(d)
         cases = {}
+        inputs = (x, z, module.weight)
         for label, backend in (("inductor", "inductor"), ("ours_backend", glu_fusion.backend)):
             torch._dynamo.reset()
             compiled = torch.compile(module, backend=backend)
-            cases[label] = (lambda c=compiled: c(x, z).backward(dy))
-        cases["ours_op"] = lambda: glu_fusion.rms_norm_gated(x, z, module.weight).backward(dy)
+            cases[label] = (lambda c=compiled: torch.autograd.grad(c(x, z), inputs, dy))
+        cases["ours_op"] = lambda: torch.autograd.grad(glu_fusion.rms_norm_gated(x, z, module.weight), inputs, dy)
         # Minimal traffic: forward reads x, z and writes y; backward reads dy, x, z, writes dx, dz.
         report(f"gated norm D={d}, {rows} rows", cases, 8 * x.numel() * x.element_size(), lines)
     k, n, m = 4096, 14336, 16384
     x = torch.randn(m, k, device="cuda", dtype=DT, requires_grad=True)
     dout = torch.randn(m, n, device="cuda", dtype=DT)
     module = SwiGLU(k, n)
+    inputs = (x, module.gate.weight, module.up.weight)
     cases = {}
+    compiled = {}
     for label, backend in (("inductor", "inductor"), ("ours_backend", glu_fusion.backend)):
         torch._dynamo.reset()
-        compiled = torch.compile(module, backend=backend)
-        cases[label] = (lambda c=compiled: c(x).backward(dout))
+        compiled[label] = torch.compile(module, backend=backend)
+        cases[label] = (lambda c=compiled[label]: torch.autograd.grad(c(x), inputs, dout))
     report(f"SwiGLU {k}->{n}, M={m}", cases, 0, lines)
+    lines.append(f"\n--- SwiGLU {k}->{n}, M={m}: memory (x {x.numel() * 2 / 2**20:.0f} MiB, "
+                 f"output {m * n * 2 / 2**20:.0f} MiB, pre-activations {2 * m * n * 2 / 2**20:.0f} MiB)")
+    for label, c in compiled.items():
+        memory_breakdown(label, lambda c=c: c(x), inputs, dout, lines)
+    glu_fusion.config.recompute = True
+    torch._dynamo.reset()
+    recompute = torch.compile(module, backend=functools.partial(glu_fusion.backend))
+    memory_breakdown("ours_backend_recompute", lambda: recompute(x), inputs, dout, lines)
+    glu_fusion.config.recompute = False
+    memory_breakdown("eager", lambda: module(x), inputs, dout, lines)
     lines.append(f"\nrewrites by our pass: {REPORT.counts()}")
     text = "\n".join(lines)
     print(text)

@@ -1,8 +1,10 @@
-"""The ``torch.compile`` backend and the global switch, both built on Inductor's pre-grad hook.
+"""The ``torch.compile`` backend and the global switch, both built on Inductor's graph-pass hooks.
 
-``backend`` is Inductor with ``GluPass`` added to ``pre_grad_custom_pass`` for its own compile;
-``install``/``uninstall`` add it to (remove it from) Inductor's global config.  Either way a pass
-the user already set there keeps running: we chain, never replace (``graph_pass.with_glu_pass``).
+Two passes: ``GluPass`` in ``pre_grad_custom_pass`` rewrites the patterns into our ops, and
+``SavedPreactPass`` in ``post_grad_custom_post_pass`` lets a compiled SwiGLU backward reuse the
+saved pre-activations' buffer (``saved_preact``).  ``backend`` adds both for its own compile;
+``install``/``uninstall`` add them to (remove them from) Inductor's global config.  Either way a
+pass the user already set there keeps running: we chain, never replace (``graph_pass.with_pass``).
 
 This module is imported with the package, also at ``import torch`` through the entry point, so
 it imports nothing from ``torch._inductor`` (over a second) until a function is called.
@@ -16,6 +18,12 @@ import torch
 __all__ = ["backend", "install", "uninstall"]
 
 
+def _our_passes() -> dict:
+    from .graph_pass import GluPass
+    from .saved_preact import SavedPreactPass
+    return {"pre_grad_custom_pass": GluPass, "post_grad_custom_post_pass": SavedPreactPass}
+
+
 def backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], **kwargs: Any):
     """``torch.compile(model, backend=glu_fusion.backend)``: Inductor plus the fusion pass.
 
@@ -24,26 +32,28 @@ def backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], **kwargs: A
     from torch._inductor import config as inductor_config
     from torch._inductor.compile_fx import compile_fx
 
-    from .graph_pass import with_glu_pass
+    from .graph_pass import with_pass
 
     patches = dict(kwargs.pop("config_patches", None) or {})
-    current = patches.get("pre_grad_custom_pass", inductor_config.pre_grad_custom_pass)
-    patches["pre_grad_custom_pass"] = with_glu_pass(current)
+    for hook, kind in _our_passes().items():
+        patches[hook] = with_pass(patches.get(hook, getattr(inductor_config, hook)), kind)
     return compile_fx(gm, example_inputs, config_patches=patches, **kwargs)
 
 
 def install(inductor_config: Any = None) -> None:
-    """Make every Inductor compile in this process use the pass (``glu_fusion.enable()``)."""
-    from .graph_pass import with_glu_pass
+    """Make every Inductor compile in this process use the passes (``glu_fusion.enable()``)."""
+    from .graph_pass import with_pass
 
     if inductor_config is None:
         from torch._inductor import config as inductor_config
-    inductor_config.pre_grad_custom_pass = with_glu_pass(inductor_config.pre_grad_custom_pass)
+    for hook, kind in _our_passes().items():
+        setattr(inductor_config, hook, with_pass(getattr(inductor_config, hook), kind))
 
 
 def uninstall() -> None:
     """Undo :func:`install`, leaving any pass of the user's in place (``glu_fusion.disable()``)."""
     from torch._inductor import config as inductor_config
 
-    from .graph_pass import without_glu_pass
-    inductor_config.pre_grad_custom_pass = without_glu_pass(inductor_config.pre_grad_custom_pass)
+    from .graph_pass import without_pass
+    for hook, kind in _our_passes().items():
+        setattr(inductor_config, hook, without_pass(getattr(inductor_config, hook), kind))

@@ -18,7 +18,8 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 from . import __version__, config
 from .report import REPORT
 
-__all__ = ["GluPass", "ChainedPass", "with_glu_pass", "without_glu_pass", "graph_has_rewritable_device"]
+__all__ = ["GluPass", "ChainedPass", "with_pass", "without_pass", "with_glu_pass", "without_glu_pass",
+           "graph_has_rewritable_device"]
 
 _lock = threading.Lock()
 _matcher = None          # the process-wide PatternMatcherPass, built on first use
@@ -99,7 +100,7 @@ class GluPass(CustomGraphPass):
 
 
 class ChainedPass(CustomGraphPass):
-    """Runs several pre-grad passes in order; its uuid is theirs combined (None when any pass
+    """Runs several graph passes in order (one Inductor hook's value); its uuid is theirs combined (None when any pass
     has none, so Inductor then bypasses its cache as it would for that pass alone)."""
 
     def __init__(self, passes: Sequence[Callable[[torch.fx.Graph], Any]]) -> None:
@@ -132,21 +133,31 @@ def _flatten(existing: Any) -> list:
     return [existing]
 
 
-def with_glu_pass(existing: Any) -> Any:
-    """``existing`` (None, one pass, a list or a chain) followed by one ``GluPass``."""
+def with_pass(existing: Any, kind: type) -> Any:
+    """``existing`` (None, one pass, a list or a chain) followed by one ``kind()`` pass."""
     passes = _flatten(existing)
-    if any(isinstance(p, GluPass) for p in passes):
+    if any(isinstance(p, kind) for p in passes):
         return existing
     if not passes:
-        return GluPass()
-    return ChainedPass([*passes, GluPass()])
+        return kind()
+    return ChainedPass([*passes, kind()])
 
 
-def without_glu_pass(existing: Any) -> Any:
-    """``existing`` with every ``GluPass`` taken out (the user's passes stay)."""
-    passes = [p for p in _flatten(existing) if not isinstance(p, GluPass)]
+def without_pass(existing: Any, kind: type) -> Any:
+    """``existing`` with every ``kind`` pass taken out (the user's passes stay)."""
+    passes = [p for p in _flatten(existing) if not isinstance(p, kind)]
     if not passes:
         return None
     if len(passes) == 1:
         return passes[0]
     return ChainedPass(passes)
+
+
+def with_glu_pass(existing: Any) -> Any:
+    """``existing`` followed by one ``GluPass`` (the pre-grad hook's value)."""
+    return with_pass(existing, GluPass)
+
+
+def without_glu_pass(existing: Any) -> Any:
+    """``existing`` with every ``GluPass`` taken out."""
+    return without_pass(existing, GluPass)

@@ -30,7 +30,8 @@ def _name(node: torch.fx.Node) -> str:
     target = node.target
     if isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
         return str(target)
-    return getattr(target, "__name__", str(target))
+    name = getattr(target, "__name__", str(target))
+    return "auto_functionalized" if name.startswith("auto_functionalized") else name
 
 
 def _arg(a, keep_ints: bool) -> str:
@@ -46,10 +47,27 @@ def _arg(a, keep_ints: bool) -> str:
     return repr(a)
 
 
+def _functionalized_call(node: torch.fx.Node) -> str:
+    """``auto_functionalized(op, arg=..., mutated=base)``: the same text for v1 and v2 of
+    torch's wrapper of a mutating op (v2 passes mutated tensors as bases and indices)."""
+    op, kwargs = node.args[0], dict(node.kwargs)
+    bases = kwargs.pop("_all_bases", None)
+    named = []
+    for key, value in kwargs.items():
+        if key.startswith("_") and key.endswith("_base_index"):
+            named.append(f"{key[1:-len('_base_index')]}={_arg(bases[value], False)}")
+        elif not key.startswith("_"):
+            named.append(f"{key}={_arg(value, False)}")
+    return f"auto_functionalized({op}, {', '.join(sorted(named))})"
+
+
 def render(graph: torch.fx.Graph) -> str:
     lines = []
     for node in graph.nodes:
         if node.op in ("placeholder", "get_attr"):
+            continue
+        if getattr(node.target, "__name__", "").startswith("auto_functionalized"):
+            lines.append(_functionalized_call(node))
             continue
         keep = (node.op != "call_function" or node.target is operator.getitem
                 or str(node.target).startswith("glu_fusion."))
@@ -221,15 +239,18 @@ return (getitem, in, in, in)""")
         self.assertExpectedInline(cap.backward, """\
 glu_fusion.swiglu.default(in, in, in, None, None, True)
 getitem(glu_fusion.swiglu.default, 1)
-glu_fusion.swiglu_dh.default(in, getitem, 0)
+auto_functionalized(glu_fusion.swiglu_dh_inplace.default, dout=in, preact=getitem)
+getitem(auto_functionalized, 1)
 aten.view.default(in, [#, #])
-aten.slice.Tensor(glu_fusion.swiglu_dh.default, #, #, #)
-aten.slice.Tensor(glu_fusion.swiglu_dh.default, #, #, #)
+aten.slice.Tensor(getitem, #, #, #)
 aten.mm.default(aten.slice.Tensor, in)
+aten.slice.Tensor(getitem, #, #, #)
 aten.addmm.default(aten.mm.default, aten.slice.Tensor, in)
 aten.view.default(aten.addmm.default, [#, #, #])
+aten.slice.Tensor(getitem, #, #, #)
 aten.t.default(aten.slice.Tensor)
 aten.mm.default(aten.t.default, aten.view.default)
+aten.slice.Tensor(getitem, #, #, #)
 aten.t.default(aten.slice.Tensor)
 aten.mm.default(aten.t.default, aten.view.default)
 return (aten.mm.default, aten.view.default, aten.mm.default)""")

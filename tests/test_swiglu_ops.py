@@ -41,10 +41,23 @@ def test_opcheck_backward_ops():
     torch.library.opcheck(torch.ops.glu_fusion.swiglu_dx.default, (dout, preact, wg, wu))
     for layout in (CONCAT_UP_FIRST, INTERLEAVED_GATE_EVEN):
         torch.library.opcheck(torch.ops.glu_fusion.swiglu_dh.default, (dout, preact, layout))
+    torch.library.opcheck(torch.ops.glu_fusion.swiglu_dh_inplace.default, (dout, preact.clone()))
     for want_bias in (True, False):
         torch.library.opcheck(torch.ops.glu_fusion.swiglu_dw.default, (dout, preact, x, want_bias))
         torch.library.opcheck(torch.ops.glu_fusion.swiglu_packed_dw.default,
                               (dout, preact, x, INTERLEAVED_GATE_EVEN, want_bias))
+
+
+def test_dh_inplace_equals_functional_dh():
+    dout, preact = torch.randn(3, 5, 8), torch.randn(15, 16)
+    want = torch.ops.glu_fusion.swiglu_dh.default(dout, preact, 0)
+    overwritten = preact.clone()
+    assert torch.ops.glu_fusion.swiglu_dh_inplace.default(dout, overwritten) is None
+    assert torch.equal(overwritten, want)
+    with pytest.raises(ValueError, match="swiglu_dh_inplace needs"):
+        torch.ops.glu_fusion.swiglu_dh_inplace.default(dout, preact[:, :15])
+    with pytest.raises(TypeError, match="dtype"):
+        torch.ops.glu_fusion.swiglu_dh_inplace.default(dout.double(), preact)
 
 
 def test_compile_dynamic_shapes_hand_written_call():

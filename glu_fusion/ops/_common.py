@@ -68,6 +68,14 @@ def register_autocast_follow(op_name: str, device_types: Sequence[str] = ("cuda"
         lib.impl(op_name, _autocast_kernel(op_name, device_type), key)
 
 
+def register_autocast_passthrough(op_name: str) -> None:
+    """Run the op on the dtypes it is given under autocast: a fallthrough past the autocast keys."""
+    lib = torch.library.Library("glu_fusion", "IMPL")
+    _LIBS.append(lib)
+    for key in ("AutocastCUDA", "AutocastCPU"):
+        lib.impl(op_name, torch.library.fallthrough_kernel, key)
+
+
 _LIBS: list = []
 
 

@@ -281,17 +281,9 @@ def _backward(ctx, dy, _drstd):
 rms_norm_gated.register_autograd(_backward, setup_context=_setup)
 
 
-def _register_autocast_passthrough() -> None:
-    """Run both ops on the dtypes they are given under autocast (see the module docstring)."""
-    lib = torch.library.Library("glu_fusion", "IMPL")
-    _LIBS.append(lib)
-    for name in ("rms_norm_gated", "rms_norm_gated_backward"):
-        for key in ("AutocastCUDA", "AutocastCPU"):
-            lib.impl(name, torch.library.fallthrough_kernel, key)
-
-
-_LIBS: list = []
-_register_autocast_passthrough()
+# Both ops run on the dtypes they are given under autocast (see the module docstring).
+for _name in ("rms_norm_gated", "rms_norm_gated_backward"):
+    _common.register_autocast_passthrough(_name)
 _common.register_cuda_fast_path(rms_norm_gated, rms_norm_gated_backward)
 
 

@@ -1,12 +1,14 @@
 """The SwiGLU custom ops: ``out = silu(x·Wgᵀ + bg) * (x·Wuᵀ + bu)``.
 
-Ops (namespace ``glu_fusion``), all functional:
+Ops (namespace ``glu_fusion``), all functional but one:
 
 * ``swiglu(x, w_gate, w_up, b_gate, b_up, save_preact) -> (out, preact)``
 * ``swiglu_packed(x, weight, bias, layout, save_preact) -> (out, preact)``: one ``[2N, K]``
   weight read in place through the views ``LAYOUTS`` describes; its gradient comes back packed.
 * ``swiglu_dx(dout, preact, w_gate, w_up) -> dx``: the input gradient.
 * ``swiglu_dh(dout, preact, layout) -> dh``: the gate's backward alone, for the GEMM backward.
+* ``swiglu_dh_inplace(dout, preact!)``: the same, written over ``preact`` (the one op that
+  mutates: for backward passes that own the pre-activations).
 * ``swiglu_dw(dout, preact, x, want_bias) -> (dw_gate, dw_up, db_gate, db_up)``
 * ``swiglu_packed_dw(dout, preact, x, layout, want_bias) -> (dweight, dbias)``
 
@@ -320,6 +322,66 @@ def _(dout, preact, layout):
     return preact.new_empty((preact.shape[0], preact.shape[1]))
 
 
+@torch.library.custom_op("glu_fusion::swiglu_dh_inplace", mutates_args=("preact",))
+def swiglu_dh_inplace(dout: Tensor, preact: Tensor) -> None:
+    """``swiglu_dh`` written over the pre-activations: afterwards ``preact`` holds ``[dG | dU]``.
+
+    For backward passes that own ``preact`` (recomputed there, or a saved buffer the compiled
+    backward may consume: ``saved_preact_pass``), so that the ``[M, 2N]`` gradient needs no
+    buffer of its own.  The kernel reads each element's g and u before writing it."""
+    _check_dh_inplace(dout, preact)
+    if plans_enabled(dout):
+        plan = _DH_INPLACE_PLANS.get((tensor_key(dout), tensor_key(preact)), dout, preact)
+        if plan is not None:
+            plan(dout, preact)
+            return
+    n = preact.shape[1] // 2
+    dout2d = dout.reshape(-1, n)
+    g, u = _preact_halves(preact)
+    if use_kernels(dout):
+        from ..kernels import swiglu_gate_grad
+        swiglu_gate_grad(dout2d, g, u, g, u)
+    else:
+        d_g, d_u = reference.swiglu_grad_preact(dout2d, g, u)
+        g.copy_(d_g)
+        u.copy_(d_u)
+
+
+def _check_dh_inplace(dout: Tensor, preact: Tensor) -> None:
+    n2 = preact.shape[-1] if preact.dim() == 2 else -1
+    if n2 < 0 or n2 % 2 or dout.shape[-1] != n2 // 2 or dout.numel() != preact.numel() // 2:
+        raise ValueError(f"glu_fusion: swiglu_dh_inplace needs preact [M, 2N] and dout [..., N] with "
+                         f"M·N elements; got {tuple(preact.shape)} and {tuple(dout.shape)}")
+    check_same("preact", preact, [("dout", dout)])
+
+
+def _build_dh_inplace_plan(dout: Tensor, preact: Tensor):
+    """``swiglu_dh_inplace``'s host work for this signature, done once; None: general path."""
+    if not use_kernels(dout):
+        return None
+    from ..kernels.swiglu_bwd import gate_grad_plan
+    n = preact.shape[1] // 2
+    dout2d = dout.reshape(-1, n)
+    if dout2d.shape[0] == 0 or n == 0 or dout2d.data_ptr() != dout.data_ptr():
+        return None
+    g, u = _preact_halves(preact)
+    launch = gate_grad_plan(dout2d, g, u, g, u)
+
+    def run(dout, preact):
+        g, u = _preact_halves(preact)
+        launch(dout, g, u, g, u)
+    run.launch = launch
+    return run
+
+
+_DH_INPLACE_PLANS = PlanCache(_build_dh_inplace_plan)
+
+
+@swiglu_dh_inplace.register_fake
+def _(dout, preact):
+    _check_dh_inplace(dout, preact)
+
+
 def _weight_grad_into(dout: Tensor, preact: Tensor, x: Tensor, dw_gate: Tensor, dw_up: Tensor,
                       db_gate: Optional[Tensor], db_up: Optional[Tensor]) -> None:
     """Write dWg, dWu (and the bias grads) into the given, possibly strided, outputs."""
@@ -381,13 +443,19 @@ def _(dout, preact, x, layout, want_bias):
 # --- autograd -----------------------------------------------------------------------------------
 
 def _gemm_backward(dout: Tensor, preact: Tensor, x: Tensor, weights: tuple, layout: int,
-                   need_x: bool, need_w: bool, need_b: bool):
+                   need_x: bool, need_w: bool, need_b: bool, owns_preact: bool = False):
     """Backward through one elementwise kernel and plain GEMMs (``config.backward == "gemm"``).
 
     ``weights`` is ``(weight,)`` for a packed weight or ``(w_gate, w_up)``; returns dx, the
-    weight grads in the same form, and the bias grads (or Nones)."""
+    weight grads in the same form, and the bias grads (or Nones).  ``owns_preact``: nothing
+    else reads ``preact`` (it was recomputed here), so ``dH`` overwrites it where its columns
+    sit as the pre-activations' do (``[dG | dU]``)."""
     k = x.shape[-1]
-    dh = torch.ops.glu_fusion.swiglu_dh(dout, preact, layout)
+    if owns_preact and layout == CONCAT_GATE_FIRST:
+        torch.ops.glu_fusion.swiglu_dh_inplace(dout, preact)
+        dh = preact
+    else:
+        dh = torch.ops.glu_fusion.swiglu_dh(dout, preact, layout)
     x2d = x.reshape(-1, k)
     dx = dws = dbs = None
     if len(weights) == 1:
@@ -432,12 +500,13 @@ def _swiglu_backward(ctx, dout, _dpreact):
     need_x, need_wg, need_wu, need_bg, need_bu = ctx.needs_input_grad[:5]
     if not any((need_x, need_wg, need_wu, need_bg, need_bu)):
         return None, None, None, None, None, None
-    if preact is None:
+    recomputed = preact is None
+    if recomputed:
         preact = torch.ops.glu_fusion.swiglu(x, w_gate, w_up, b_gate, b_up, True)[1]
     if config.backward == "gemm":
         need_b = ctx.has_bias and (need_bg or need_bu)
         dx, dws, dbs = _gemm_backward(dout, preact, x, (w_gate, w_up), CONCAT_GATE_FIRST,
-                                      need_x, need_wg or need_wu, need_b)
+                                      need_x, need_wg or need_wu, need_b, owns_preact=recomputed)
         return (dx, *(dws or (None, None)), *(dbs or (None, None)), None)
     dx = torch.ops.glu_fusion.swiglu_dx(dout, preact, w_gate, w_up) if need_x else None
     dwg = dwu = dbg = dbu = None
@@ -462,11 +531,12 @@ def _swiglu_packed_backward(ctx, dout, _dpreact):
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
     if not any((need_x, need_w, need_b)):
         return None, None, None, None, None
-    if preact is None:
+    recomputed = preact is None
+    if recomputed:
         preact = torch.ops.glu_fusion.swiglu_packed(x, weight, bias, ctx.layout, True)[1]
     if config.backward == "gemm":
         dx, dws, dbs = _gemm_backward(dout, preact, x, (weight,), ctx.layout, need_x, need_w,
-                                      ctx.has_bias and need_b)
+                                      ctx.has_bias and need_b, owns_preact=recomputed)
         return dx, (dws or (None,))[0], (dbs or (None,))[0], None, None
     dx = dweight = dbias = None
     if need_x:
@@ -484,4 +554,7 @@ swiglu_packed.register_autograd(_swiglu_packed_backward, setup_context=_swiglu_p
 
 for _name in ("swiglu", "swiglu_packed", "swiglu_dx", "swiglu_dh", "swiglu_dw", "swiglu_packed_dw"):
     _common.register_autocast_follow(_name)
-_common.register_cuda_fast_path(swiglu, swiglu_packed, swiglu_dx, swiglu_dh, swiglu_dw, swiglu_packed_dw)
+# Casting would write the gradient into a copy: the in-place op runs on the dtypes it is given.
+_common.register_autocast_passthrough("swiglu_dh_inplace")
+_common.register_cuda_fast_path(swiglu, swiglu_packed, swiglu_dx, swiglu_dh, swiglu_dh_inplace, swiglu_dw,
+                                swiglu_packed_dw)
