@@ -106,6 +106,7 @@ def test_backward_writes_dh_over_preactivations(cuda_rewrites, monkeypatch, reco
     """The compiled backward computes dH in place (saved pre-activations reused through donated
     buffers, or recomputed ones), its gradients equal float64's within bf16 tolerance, and the
     fwd+bwd peak is below the functional dH's by about one [M, 2N] buffer."""
+    from torch._functorch import config as functorch_config
     from torch._inductor.utils import run_and_get_code
     monkeypatch.setattr(glu_fusion.config, "recompute", recompute)
     m, k, n = 4096, 512, 2048
@@ -131,9 +132,8 @@ def test_backward_writes_dh_over_preactivations(cuda_rewrites, monkeypatch, reco
 
     step = lambda: torch.autograd.grad(compiled(x), inputs, dout)  # noqa: E731
     with_inplace = peak(step)
-    import torch._functorch.config
     torch._dynamo.reset()
-    with torch._functorch.config.patch(donated_buffer=False):
+    with functorch_config.patch(donated_buffer=False):
         functional = torch.compile(module, backend=glu_fusion.backend)
         functional_step = lambda: torch.autograd.grad(functional(x), inputs, dout)  # noqa: E731
         functional_step()

@@ -28,6 +28,8 @@ def test_opcheck_forward_ops():
     wg, wu = torch.randn(8, 16), torch.randn(8, 16)
     bg, bu = torch.randn(8), torch.randn(8)
     packed, pbias = torch.randn(16, 16), torch.randn(16)
+    torch.library.opcheck(torch.ops.glu_fusion.swiglu_preact.default, (x, wg, wu, bg, bu))
+    torch.library.opcheck(torch.ops.glu_fusion.swiglu_preact.default, (x.reshape(5, 1, 16), wg, wu, None, None))
     for save in (True, False):
         torch.library.opcheck(torch.ops.glu_fusion.swiglu.default, (x, wg, wu, bg, bu, save))
         torch.library.opcheck(torch.ops.glu_fusion.swiglu.default, (x, wg, wu, None, None, save))
@@ -46,6 +48,15 @@ def test_opcheck_backward_ops():
         torch.library.opcheck(torch.ops.glu_fusion.swiglu_dw.default, (dout, preact, x, want_bias))
         torch.library.opcheck(torch.ops.glu_fusion.swiglu_packed_dw.default,
                               (dout, preact, x, INTERLEAVED_GATE_EVEN, want_bias))
+
+
+def test_preact_op_equals_saved_preactivations():
+    x, wg, wu, bg, bu = torch.randn(2, 3, 16), torch.randn(8, 16), torch.randn(8, 16), torch.randn(8), torch.randn(8)
+    for biases in ((bg, bu), (None, None)):
+        saved = torch.ops.glu_fusion.swiglu.default(x, wg, wu, *biases, True)[1]
+        torch.testing.assert_close(torch.ops.glu_fusion.swiglu_preact.default(x, wg, wu, *biases), saved)
+    with pytest.raises(ValueError, match="K=16"):
+        torch.ops.glu_fusion.swiglu_preact.default(x[..., :15], wg, wu, None, None)
 
 
 def test_dh_inplace_equals_functional_dh():

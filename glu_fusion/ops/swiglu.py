@@ -5,6 +5,8 @@ Ops (namespace ``glu_fusion``), all functional but one:
 * ``swiglu(x, w_gate, w_up, b_gate, b_up, save_preact) -> (out, preact)``
 * ``swiglu_packed(x, weight, bias, layout, save_preact) -> (out, preact)``: one ``[2N, K]``
   weight read in place through the views ``LAYOUTS`` describes; its gradient comes back packed.
+* ``swiglu_preact(x, w_gate, w_up, b_gate, b_up) -> preact``: the pre-activations alone (two
+  GEMMs), which a recomputing backward needs.
 * ``swiglu_dx(dout, preact, w_gate, w_up) -> dx``: the input gradient.
 * ``swiglu_dh(dout, preact, layout) -> dh``: the gate's backward alone, for the GEMM backward.
 * ``swiglu_dh_inplace(dout, preact!)``: the same, written over ``preact`` (the one op that
@@ -14,7 +16,7 @@ Ops (namespace ``glu_fusion``), all functional but one:
 
 ``preact`` is ``[M, 2N]`` = ``[g | u]`` (each rounded to x's dtype, as eager rounds the two
 linear outputs), or an empty tensor when ``save_preact`` is false: backward then recomputes it
-with one more forward launch.  Outputs an op was told not to compute are empty tensors.
+with ``swiglu_preact`` and writes ``dH`` over it.  Outputs an op was told not to compute are empty tensors.
 """
 from __future__ import annotations
 
@@ -123,6 +125,13 @@ def _forward_cublas(x2d: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Optional[
     """Training forward: cuBLAS writes g and u straight into the saved pre-activations (as
     ``F.linear`` rounds them), then one elementwise kernel writes ``silu(g)·u``."""
     from ..kernels import swiglu_gate
+    _projections_into(x2d, w_gate, w_up, b_gate, b_up, preact)
+    swiglu_gate(*_preact_halves(preact), out)
+
+
+def _projections_into(x2d: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Optional[Tensor],
+                      b_up: Optional[Tensor], preact: Tensor) -> None:
+    """``preact = [x·Wgᵀ + bg | x·Wuᵀ + bu]``: two GEMMs straight into its halves."""
     g, u = _preact_halves(preact)
     if b_gate is None:
         torch.mm(x2d, w_gate.t(), out=g)
@@ -130,7 +139,6 @@ def _forward_cublas(x2d: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Optional[
     else:
         torch.addmm(b_gate, x2d, w_gate.t(), out=g)
         torch.addmm(b_up, x2d, w_up.t(), out=u)
-    swiglu_gate(g, u, out)
 
 
 def _use_tma(x2d: Tensor, w_gate: Tensor, w_up: Tensor, out: Tensor, preact: Optional[Tensor]) -> bool:
@@ -236,6 +244,25 @@ def _(x, weight, bias, layout, save_preact):
     b_gate, b_up = packed_views(bias, layout) if bias is not None else (None, None)
     _check_forward(x, w_gate, w_up, b_gate, b_up)
     return _fake_forward(x, w_gate.shape[0], save_preact)
+
+
+@torch.library.custom_op("glu_fusion::swiglu_preact", mutates_args=())
+def swiglu_preact(x: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Optional[Tensor],
+                  b_up: Optional[Tensor]) -> Tensor:
+    """The pre-activations ``[g | u]`` [M, 2N] alone, for a backward that recomputes them: the
+    two GEMMs (cuBLAS on the GPU) write its halves; no gate and no output are computed."""
+    _check_forward(x, w_gate, w_up, b_gate, b_up)
+    n, k = w_gate.shape
+    x2d = x.reshape(-1, k)
+    preact = x.new_empty((x2d.shape[0], 2 * n))
+    _projections_into(x2d, w_gate, w_up, b_gate, b_up, preact)
+    return preact
+
+
+@swiglu_preact.register_fake
+def _(x, w_gate, w_up, b_gate, b_up):
+    _check_forward(x, w_gate, w_up, b_gate, b_up)
+    return _fake_forward(x, w_gate.shape[0], True)[1]
 
 
 # --- backward ops -------------------------------------------------------------------------------
@@ -502,7 +529,7 @@ def _swiglu_backward(ctx, dout, _dpreact):
         return None, None, None, None, None, None
     recomputed = preact is None
     if recomputed:
-        preact = torch.ops.glu_fusion.swiglu(x, w_gate, w_up, b_gate, b_up, True)[1]
+        preact = torch.ops.glu_fusion.swiglu_preact(x, w_gate, w_up, b_gate, b_up)
     if config.backward == "gemm":
         need_b = ctx.has_bias and (need_bg or need_bu)
         dx, dws, dbs = _gemm_backward(dout, preact, x, (w_gate, w_up), CONCAT_GATE_FIRST,
@@ -533,7 +560,9 @@ def _swiglu_packed_backward(ctx, dout, _dpreact):
         return None, None, None, None, None
     recomputed = preact is None
     if recomputed:
-        preact = torch.ops.glu_fusion.swiglu_packed(x, weight, bias, ctx.layout, True)[1]
+        w_gate, w_up = packed_views(weight, ctx.layout)
+        b_gate, b_up = packed_views(bias, ctx.layout) if bias is not None else (None, None)
+        preact = torch.ops.glu_fusion.swiglu_preact(x, w_gate, w_up, b_gate, b_up)
     if config.backward == "gemm":
         dx, dws, dbs = _gemm_backward(dout, preact, x, (weight,), ctx.layout, need_x, need_w,
                                       ctx.has_bias and need_b, owns_preact=recomputed)
@@ -552,9 +581,9 @@ def _swiglu_packed_backward(ctx, dout, _dpreact):
 
 swiglu_packed.register_autograd(_swiglu_packed_backward, setup_context=_swiglu_packed_setup)
 
-for _name in ("swiglu", "swiglu_packed", "swiglu_dx", "swiglu_dh", "swiglu_dw", "swiglu_packed_dw"):
+for _name in ("swiglu", "swiglu_packed", "swiglu_preact", "swiglu_dx", "swiglu_dh", "swiglu_dw", "swiglu_packed_dw"):
     _common.register_autocast_follow(_name)
 # Casting would write the gradient into a copy: the in-place op runs on the dtypes it is given.
 _common.register_autocast_passthrough("swiglu_dh_inplace")
-_common.register_cuda_fast_path(swiglu, swiglu_packed, swiglu_dx, swiglu_dh, swiglu_dh_inplace, swiglu_dw,
-                                swiglu_packed_dw)
+_common.register_cuda_fast_path(swiglu, swiglu_packed, swiglu_preact, swiglu_dx, swiglu_dh, swiglu_dh_inplace,
+                                swiglu_dw, swiglu_packed_dw)
