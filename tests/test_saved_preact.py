@@ -178,3 +178,17 @@ def test_not_donated_placeholder_kept(monkeypatch):
     import glu_fusion.ops  # noqa: F401
     monkeypatch.setattr(saved_preact, "_donated_placeholder_idxs", lambda: frozenset({1}))
     assert reuse_saved_preact(_graph_with_dh()) == 0
+
+
+def test_retain_graph_without_donated_buffers_is_exact(cpu_rewrites, monkeypatch):
+    import torch._functorch.config
+    monkeypatch.setattr(glu_fusion.config, "recompute", False)
+    module = TwoWeights()
+    x = torch.randn(6, 16, requires_grad=True)
+    want = torch.autograd.grad(module(x).square().sum(), x)[0]
+    with torch._functorch.config.patch(donated_buffer=False):
+        out = torch.compile(module, backend=glu_fusion.backend)(x).square().sum()
+        first = torch.autograd.grad(out, x, retain_graph=True)[0]
+        second = torch.autograd.grad(out, x)[0]
+    torch.testing.assert_close(first, want)
+    torch.testing.assert_close(second, want)
