@@ -24,6 +24,13 @@ __all__ = ["SavedPreactPass", "reuse_saved_preact"]
 
 
 def _donated_placeholder_idxs() -> Optional[frozenset]:
+    """The backward placeholders AOTAutograd donates in the compile under way; None: none.
+
+    Torch versions differ in whether they fill ``bw_donated_idxs`` with the setting off, and
+    only with it on does torch refuse ``retain_graph`` for such a backward: both must hold."""
+    import torch._functorch.config
+    if not torch._functorch.config.donated_buffer:
+        return None
     tracing_context = torch._guards.TracingContext.try_get()
     metadata = getattr(tracing_context, "fw_metadata", None) if tracing_context is not None else None
     idxs = getattr(metadata, "bw_donated_idxs", None) if metadata is not None else None
@@ -75,8 +82,13 @@ class SavedPreactPass(CustomGraphPass):
         saved_preact.reuse_saved_preact(graph)
 
     def uuid(self) -> str:
+        """Source hash plus this compile's donated placeholders: Inductor's graph cache does not
+        key on donation, and a backward compiled with it must never serve one without (a
+        backward first run with ``retain_graph`` is compiled without donated buffers)."""
         with open(__file__, "rb") as f:
-            return f"glu_fusion-saved-preact-{__version__}-{hashlib.sha256(f.read()).hexdigest()}"
+            digest = hashlib.sha256(f.read()).hexdigest()
+        donated = _donated_placeholder_idxs()
+        return f"glu_fusion-saved-preact-{__version__}-{digest}-{sorted(donated) if donated else None}"
 
     def __repr__(self) -> str:
         return "SavedPreactPass()"

@@ -192,3 +192,17 @@ def test_retain_graph_without_donated_buffers_is_exact(cpu_rewrites, monkeypatch
         second = torch.autograd.grad(out, x)[0]
     torch.testing.assert_close(first, want)
     torch.testing.assert_close(second, want)
+
+
+def test_uuid_keys_on_donation(monkeypatch):
+    from glu_fusion.saved_preact import SavedPreactPass
+    monkeypatch.setattr(saved_preact, "_donated_placeholder_idxs", lambda: frozenset({3, 1}))
+    donated = SavedPreactPass().uuid()
+    monkeypatch.setattr(saved_preact, "_donated_placeholder_idxs", lambda: None)
+    assert SavedPreactPass().uuid() != donated and donated.endswith("[1, 3]")
+
+
+def test_setting_off_means_no_donation():
+    import torch._functorch.config
+    with torch._functorch.config.patch(donated_buffer=False):
+        assert saved_preact._donated_placeholder_idxs() is None
