@@ -301,18 +301,23 @@ def swiglu_dh(dout: Tensor, preact: Tensor, layout: int) -> Tensor:
         if plan is not None:
             return plan(dout, preact)
     n = preact.shape[1] // 2
+    dh = preact.new_empty((preact.shape[0], 2 * n))
+    _gate_grad_into(dout, preact, *_dh_halves(dh, layout))
+    return dh
+
+
+def _gate_grad_into(dout: Tensor, preact: Tensor, d_g_out: Tensor, d_u_out: Tensor) -> None:
+    """Write dG and dU of ``silu(g)·u`` into the given [M, N] views (which may be g and u)."""
+    n = preact.shape[1] // 2
     dout2d = dout.reshape(-1, n)
     g, u = _preact_halves(preact)
-    dh = preact.new_empty((dout2d.shape[0], 2 * n))
-    d_g_out, d_u_out = _dh_halves(dh, layout)
     if use_kernels(dout):
         from ..kernels import swiglu_gate_grad
         swiglu_gate_grad(dout2d, g, u, d_g_out, d_u_out)
     else:
-        d_g, d_u = reference.swiglu_grad_preact(dout2d, g, u)
+        d_g, d_u = reference.swiglu_grad_preact(dout2d, g, u)  # both read before either is written
         d_g_out.copy_(d_g)
         d_u_out.copy_(d_u)
-    return dh
 
 
 def _dh_halves(dh: Tensor, layout: int) -> tuple[Tensor, Tensor]:
@@ -362,16 +367,7 @@ def swiglu_dh_inplace(dout: Tensor, preact: Tensor) -> None:
         if plan is not None:
             plan(dout, preact)
             return
-    n = preact.shape[1] // 2
-    dout2d = dout.reshape(-1, n)
-    g, u = _preact_halves(preact)
-    if use_kernels(dout):
-        from ..kernels import swiglu_gate_grad
-        swiglu_gate_grad(dout2d, g, u, g, u)
-    else:
-        d_g, d_u = reference.swiglu_grad_preact(dout2d, g, u)
-        g.copy_(d_g)
-        u.copy_(d_u)
+    _gate_grad_into(dout, preact, *_preact_halves(preact))
 
 
 def _check_dh_inplace(dout: Tensor, preact: Tensor) -> None:
