@@ -2,16 +2,18 @@
 # What the GPU machine runs, in one call per stage; results and logs go to $OUT (or ./out).
 #   bash benchmarks/device_run.sh tests   GPU tests (pytest -m gpu)
 #   bash benchmarks/device_run.sh cpu     the CPU suite on this machine's torch (graph snapshots on 2.11)
-#   bash benchmarks/device_run.sh graphs  the graph-snapshot and op tests alone on this machine's torch
+#   bash benchmarks/device_run.sh graphs  the graph-snapshot, post-grad pass and op tests alone on this machine's torch
 #   bash benchmarks/device_run.sh swiglu  SwiGLU benchmark (--quick with a second argument "quick")
 #   bash benchmarks/device_run.sh norm    gated RMSNorm benchmark
 #   bash benchmarks/device_run.sh e2e     end-to-end training step
 #   bash benchmarks/device_run.sh host    host time per call at tiny sizes (layers, ops, compiled, profiles)
+#   bash benchmarks/device_run.sh paired  small shapes, ours against Inductor, variants interleaved (~4 min)
 #   bash benchmarks/device_run.sh kernels GPU time of every kernel in one forward+backward (profiler)
 #   bash benchmarks/device_run.sh tunenorm gated-norm tile and workspace sweep (not part of "all")
 #   bash benchmarks/device_run.sh tune    forward-kernel tile/schedule sweep (not part of "all")
 #   bash benchmarks/device_run.sh plots   PNG plots from the SwiGLU and gated-norm JSON
 #   bash benchmarks/device_run.sh bench   the benchmark suite alone: swiglu norm e2e kernels plots (~7 min)
+#                                         (paired runs on its own: a call may last 10 minutes)
 #   bash benchmarks/device_run.sh all     everything, in that order
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -32,10 +34,11 @@ for stage in $stages; do
     tests) python3 -m pytest -q -m gpu tests -rs -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
     cpu) python3 -m pytest -q -n 8 -m "not gpu" tests -p no:cacheprovider 2>&1 | tail -15 ;;
     graphs) python3 -m pytest -q -m "not gpu" tests/test_pass_snapshots.py tests/test_saved_preact.py \
-              tests/test_swiglu_ops.py -p no:cacheprovider 2>&1 | tee "$OUT/graph_tests.log" | tail -15 ;;
+              tests/test_graph_ops.py tests/test_swiglu_ops.py -p no:cacheprovider 2>&1 | tee "$OUT/graph_tests.log" | tail -15 ;;
     swiglu) python3 benchmarks/bench_swiglu.py $quick --json "$OUT/swiglu.json" --md "$OUT/swiglu.md" 2>/tmp/swiglu.err || tail -20 /tmp/swiglu.err ;;
     norm) python3 benchmarks/bench_rms_norm_gated.py $quick --json "$OUT/norm.json" --md "$OUT/norm.md" 2>/tmp/norm.err || tail -20 /tmp/norm.err ;;
     plots) python3 benchmarks/plot.py --swiglu "$OUT/swiglu.json" --norm "$OUT/norm.json" --out "$OUT" ;;
+    paired) python3 benchmarks/paired.py --json "$OUT/paired.json" --md "$OUT/paired.md" 2>/tmp/paired.err || tail -20 /tmp/paired.err ;;
     host) python3 benchmarks/host_overhead.py 2>&1 | tee "$OUT/host_overhead.txt" | tail -120 ;;
     kernels) python3 benchmarks/kernel_times.py --out "$OUT/kernel_times.txt" 2>&1 | tail -60 ;;
     tunenorm) python3 benchmarks/tune_norm_bwd.py 2>&1 | tee "$OUT/tune_norm.txt" | tail -60 ;;

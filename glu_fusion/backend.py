@@ -1,8 +1,9 @@
 """The ``torch.compile`` backend and the global switch, both built on Inductor's graph-pass hooks.
 
-Two passes: ``GluPass`` in ``pre_grad_custom_pass`` rewrites the patterns into our ops, and
-``SavedPreactPass`` in ``post_grad_custom_post_pass`` lets a compiled SwiGLU backward reuse the
-saved pre-activations' buffer (``saved_preact``).  ``backend`` adds both for its own compile;
+Three passes: ``GluPass`` in ``pre_grad_custom_pass`` rewrites the patterns into our ops;
+in ``post_grad_custom_post_pass``, ``SavedPreactPass`` lets a compiled SwiGLU backward reuse the
+saved pre-activations' buffer (``saved_preact``), then ``GraphOpsPass`` points the compiled
+calls at the ops' autograd-free twins (``graph_ops``).  ``backend`` adds them for its own compile;
 ``install``/``uninstall`` add them to (remove them from) Inductor's global config.  Either way a
 pass the user already set there keeps running: we chain, never replace (``graph_pass.with_pass``).
 
@@ -18,10 +19,13 @@ import torch
 __all__ = ["backend", "install", "uninstall"]
 
 
-def _our_passes() -> dict:
+def _our_passes() -> list:
+    """(Inductor hook, pass class) pairs, in the order each hook runs them."""
+    from .graph_ops import GraphOpsPass
     from .graph_pass import GluPass
     from .saved_preact import SavedPreactPass
-    return {"pre_grad_custom_pass": GluPass, "post_grad_custom_post_pass": SavedPreactPass}
+    return [("pre_grad_custom_pass", GluPass), ("post_grad_custom_post_pass", SavedPreactPass),
+            ("post_grad_custom_post_pass", GraphOpsPass)]
 
 
 def backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], **kwargs: Any):
@@ -35,7 +39,7 @@ def backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], **kwargs: A
     from .graph_pass import with_pass
 
     patches = dict(kwargs.pop("config_patches", None) or {})
-    for hook, kind in _our_passes().items():
+    for hook, kind in _our_passes():
         patches[hook] = with_pass(patches.get(hook, getattr(inductor_config, hook)), kind)
     return compile_fx(gm, example_inputs, config_patches=patches, **kwargs)
 
@@ -46,7 +50,7 @@ def install(inductor_config: Any = None) -> None:
 
     if inductor_config is None:
         from torch._inductor import config as inductor_config
-    for hook, kind in _our_passes().items():
+    for hook, kind in _our_passes():
         setattr(inductor_config, hook, with_pass(getattr(inductor_config, hook), kind))
 
 
@@ -55,5 +59,5 @@ def uninstall() -> None:
     from torch._inductor import config as inductor_config
 
     from .graph_pass import without_pass
-    for hook, kind in _our_passes().items():
+    for hook, kind in _our_passes():
         setattr(inductor_config, hook, without_pass(getattr(inductor_config, hook), kind))

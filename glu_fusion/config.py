@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["enabled_by_env", "rewrite_devices", "recompute", "forward_tma", "forward", "backward", "cached_launch", "settings_key"]
+__all__ = ["enabled_by_env", "rewrite_devices", "recompute", "forward_tma", "forward", "backward", "cached_launch", "graph_ops", "settings_key"]
 
 
 def _env_flag(name: str, default: bool = False) -> bool:
@@ -36,7 +36,7 @@ recompute: bool = _env_flag("GLU_FUSION_RECOMPUTE")
 
 
 #: ``GLU_FUSION_TMA`` (default 1): on Hopper, the SwiGLU forward uses the persistent TMA kernel
-#: where every operand is TMA-addressable and M >= 2048 (below that the pointer kernel measured
+#: where every operand is TMA-addressable and M >= 1024 (below that the pointer kernel measured
 #: faster); ``0`` keeps the pointer kernel everywhere.
 forward_tma: bool = _env_flag("GLU_FUSION_TMA", default=True)
 
@@ -67,6 +67,12 @@ if backward not in ("fused", "gemm"):
 #: ``kernels._launch.LaunchPlan``);
 #: ``0`` takes Triton's ordinary launch path on every call.
 cached_launch: bool = _env_flag("GLU_FUSION_CACHED_LAUNCH", default=True)
+
+
+#: ``GLU_FUSION_GRAPH_OPS`` (default 1): graphs Inductor compiles call our ops' autograd-free
+#: twins (``graph_ops.py``), skipping torch.library's Python autograd layer on every call;
+#: ``0`` keeps the ops themselves.
+graph_ops: bool = _env_flag("GLU_FUSION_GRAPH_OPS", default=True)
 
 
 def settings_key() -> str:

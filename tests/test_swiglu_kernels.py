@@ -183,14 +183,14 @@ def test_tma_forward(layout, bias, monkeypatch):
     from glu_fusion.kernels import tma_eligible
     from glu_fusion.ops import swiglu as swiglu_ops
 
-    import glu_fusion.kernels as kernels
+    from glu_fusion.kernels import swiglu_fwd_tma
 
     monkeypatch.setattr(swiglu_ops, "_TMA_MIN_TOKENS", 1)
     # Plans built earlier for this signature chose the pointer kernel: start from none.
     monkeypatch.setattr(swiglu_ops, "_FORWARD_PLANS", swiglu_ops.PlanCache(swiglu_ops._build_forward_plan))
     calls = []
-    real = kernels.swiglu_forward_tma
-    monkeypatch.setattr(kernels, "swiglu_forward_tma", lambda *a: calls.append(1) or real(*a))
+    real = swiglu_fwd_tma.tma_forward_plan
+    monkeypatch.setattr(swiglu_fwd_tma, "tma_forward_plan", lambda *a: calls.append(1) or real(*a))
     problem = make_problem(layout, (70,), 48, 40, torch.float32, bias)
     assert tma_eligible(problem.x, *problem.weights), "the test must exercise the TMA path"
     check_against_float64(problem, TOLERANCE[torch.float32])

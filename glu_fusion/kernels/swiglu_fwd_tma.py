@@ -2,33 +2,42 @@
 
 Same contract as ``swiglu_fwd.swiglu_forward``.  Each of ``NUM_PROGRAMS`` programs (one per
 multiprocessor) walks output tiles in grouped order; operand tiles arrive through the copy
-engine (``TensorDescriptor``), which also zero-fills ragged edges and clips ragged stores, so
-the main loop carries no masks.  Usable only when every tensor is TMA-addressable (unit last
+engine (tensor descriptors the kernel builds), which also zero-fills ragged edges and clips
+ragged stores, so the main loop carries no masks.  Usable only when every tensor is TMA-addressable (unit last
 stride, 16-byte aligned base and row strides); ``tma_eligible`` says so, callers fall back to
 the pointer kernel otherwise.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from triton.tools.tensor_descriptor import TensorDescriptor
-
-from ._launch import interpreting, multiprocessors, precision
-from .swiglu_fwd import _swizzle
+from ._launch import LaunchPlan, interpreting, multiprocessors, precision
+from .swiglu_fwd import _swizzle, forward_operands
 
 
 @triton.jit
 def swiglu_fwd_tma_kernel(
-    x_desc, wg_desc, wu_desc, out_desc, g_desc, u_desc, bg_ptr, bu_ptr,
-    M, N, K, stride_bg, stride_bu,
-    HAS_BIAS: tl.constexpr, SAVE_PREACT: tl.constexpr, PRECISION: tl.constexpr, DTYPE: tl.constexpr,
+    x_ptr, wg_ptr, wu_ptr, out_ptr, pre_ptr, bg_ptr, bu_ptr,
+    M, N, K, stride_xm, stride_wg, stride_wu, stride_om, stride_pm, stride_bg, stride_bu,
+    HAS_BIAS: tl.constexpr, SAVE_PREACT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     NUM_PROGRAMS: tl.constexpr, FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
 ):
+    # Descriptors built on the device, once per program: the launch passes plain pointers, so
+    # it goes through the cached binary like every other kernel of ours (no per-call encoding
+    # of six descriptors on the host: benchmarks/NOTES.md, run 20).
+    x_desc = tl.make_tensor_descriptor(x_ptr, [M, K], [stride_xm, 1], [BLOCK_M, BLOCK_K])
+    wg_desc = tl.make_tensor_descriptor(wg_ptr, [N, K], [stride_wg, 1], [BLOCK_N, BLOCK_K])
+    wu_desc = tl.make_tensor_descriptor(wu_ptr, [N, K], [stride_wu, 1], [BLOCK_N, BLOCK_K])
+    out_desc = tl.make_tensor_descriptor(out_ptr, [M, N], [stride_om, 1], [BLOCK_M, BLOCK_N])
+    if SAVE_PREACT:
+        g_desc = tl.make_tensor_descriptor(pre_ptr, [M, N], [stride_pm, 1], [BLOCK_M, BLOCK_N])
+        u_desc = tl.make_tensor_descriptor(pre_ptr + N, [M, N], [stride_pm, 1], [BLOCK_M, BLOCK_N])
+    dtype = out_ptr.dtype.element_ty
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
@@ -51,10 +60,10 @@ def swiglu_fwd_tma_kernel(
             mask_n = cols < N
             acc_g += tl.load(bg_ptr + cols * stride_bg, mask=mask_n, other=0.0).to(tl.float32)[None, :]
             acc_u += tl.load(bu_ptr + cols * stride_bu, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        g = acc_g.to(DTYPE)
-        u = acc_u.to(DTYPE)
+        g = acc_g.to(dtype)
+        u = acc_u.to(dtype)
         gf = g.to(tl.float32)
-        out_desc.store([off_m, off_n], (gf * tl.sigmoid(gf) * u.to(tl.float32)).to(DTYPE))
+        out_desc.store([off_m, off_n], (gf * tl.sigmoid(gf) * u.to(tl.float32)).to(dtype))
         if SAVE_PREACT:
             g_desc.store([off_m, off_n], g)
             u_desc.store([off_m, off_n], u)
@@ -81,7 +90,6 @@ _GPU_META = {
     torch.float16: dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_stages=3, num_warps=8, **_COMMON),
     torch.float32: dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_stages=3, num_warps=8, **_COMMON),
 }
-_TL_DTYPE = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 _INTERPRETER_META = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=4, FLATTEN=False, WARP_SPECIALIZE=False)
 
 
@@ -92,28 +100,45 @@ def _num_programs(tiles: int) -> int:
     return min(tiles, sms)
 
 
-def swiglu_forward_tma(x: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Optional[Tensor],
-                       b_up: Optional[Tensor], out: Tensor, preact: Optional[Tensor],
-                       allow_tf32: bool, meta: Optional[dict] = None) -> None:
-    """Like ``swiglu_forward``; the caller has checked ``tma_eligible`` on every operand.
-    ``meta`` overrides the tile table (the tuning script uses it)."""
+def _scratch(size: int, alignment: int, stream) -> Tensor:
+    """Global memory for the descriptors the kernel builds on the device (Triton asks per launch)."""
+    return torch.empty(size, device="cuda", dtype=torch.int8)
+
+
+def _interpreter_scratch(size: int, alignment: int, stream) -> Tensor:
+    return torch.empty(size, dtype=torch.int8)
+
+
+def tma_forward_plan(x: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Optional[Tensor],
+                     b_up: Optional[Tensor], out: Tensor, preact: Optional[Tensor], allow_tf32: bool,
+                     meta: Optional[dict] = None) -> Callable[..., None]:
+    """The launch for operands shaped, strided and typed like these; call it with
+    ``forward_operands(...)``.  ``meta`` overrides the tile table (the tuning script uses it)."""
     m, k = x.shape
     n = w_gate.shape[0]
     if meta is None:
         meta = _INTERPRETER_META if interpreting() else _GPU_META[x.dtype]
     meta = dict(meta)
-    bm, bn, bk = meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"]
-    g = preact[:, :n] if preact is not None else out
-    u = preact[:, n:] if preact is not None else out
-    descs = [TensorDescriptor(t, list(t.shape), list(t.stride()), block)
-             for t, block in ((x, [bm, bk]), (w_gate, [bn, bk]), (w_up, [bn, bk]),
-                              (out, [bm, bn]), (g, [bm, bn]), (u, [bm, bn]))]
-    has_bias = b_gate is not None
-    bg = b_gate if has_bias else out
-    bu = b_up if has_bias else out
-    tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+    x, w_gate, w_up, bg, bu, out, pre = forward_operands(x, w_gate, w_up, b_gate, b_up, out, preact)
+    tiles = triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])
     programs = _num_programs(tiles)
-    swiglu_fwd_tma_kernel[(programs,)](
-        *descs, bg, bu, m, n, k, bg.stride(0), bu.stride(0),
-        HAS_BIAS=has_bias, SAVE_PREACT=preact is not None, PRECISION=precision(allow_tf32),
-        DTYPE=_TL_DTYPE[x.dtype], NUM_PROGRAMS=programs, **meta)
+    scalars = (m, n, k, x.stride(0), w_gate.stride(0), w_up.stride(0), out.stride(0), pre.stride(0),
+               bg.stride(0), bu.stride(0))
+    keywords = dict(HAS_BIAS=b_gate is not None, SAVE_PREACT=preact is not None,
+                    PRECISION=precision(allow_tf32), NUM_PROGRAMS=programs, **meta)
+    plan = LaunchPlan(swiglu_fwd_tma_kernel, (programs,), scalars, keywords, x.device.index)
+    scratch = _interpreter_scratch if interpreting() else _scratch
+
+    def launch(x, w_gate, w_up, bg, bu, out, pre) -> None:
+        triton.set_allocator(scratch)  # per call: the setting is per thread (autograd runs others)
+        plan(x, w_gate, w_up, out, pre, bg, bu)
+    return launch
+
+
+def swiglu_forward_tma(x: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Optional[Tensor],
+                       b_up: Optional[Tensor], out: Tensor, preact: Optional[Tensor],
+                       allow_tf32: bool, meta: Optional[dict] = None) -> None:
+    """Like ``swiglu_forward``; the caller has checked ``tma_eligible`` on every operand.
+    ``meta`` overrides the tile table (the tuning script uses it)."""
+    launch = tma_forward_plan(x, w_gate, w_up, b_gate, b_up, out, preact, allow_tf32, meta)
+    launch(*forward_operands(x, w_gate, w_up, b_gate, b_up, out, preact))

@@ -285,6 +285,7 @@ rms_norm_gated.register_autograd(_backward, setup_context=_setup)
 for _name in ("rms_norm_gated", "rms_norm_gated_backward"):
     _common.register_autocast_passthrough(_name)
 _common.register_cuda_fast_path(rms_norm_gated, rms_norm_gated_backward)
+_common.register_graph_twins(rms_norm_gated, rms_norm_gated_backward)
 
 
 # --- public functional ----------------------------------------------------------------------------

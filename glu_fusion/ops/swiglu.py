@@ -38,8 +38,10 @@ LAYOUTS = {"concat": CONCAT_GATE_FIRST, "concat_up_first": CONCAT_UP_FIRST,
            "interleaved": INTERLEAVED_GATE_EVEN, "interleaved_up_first": INTERLEAVED_UP_EVEN}
 
 
-# The persistent TMA forward wins from about this many tokens on (H100, benchmarks/NOTES.md).
-_TMA_MIN_TOKENS = 2048
+# The persistent TMA forward wins from about this many tokens on (H100, benchmarks/NOTES.md,
+# run 20: 0.86-1.00x the pointer kernel's GPU time at 1024 tokens, once its launch cost the
+# host no more than the pointer kernel's).
+_TMA_MIN_TOKENS = 1024
 # From this many tokens on, training calls run cuBLAS and the gate kernel (``config.forward``):
 # faster at M=16384 on the H100, slower at M=1024 (benchmarks/NOTES.md, run 14).
 _CUBLAS_MIN_TOKENS = 8192
@@ -159,8 +161,8 @@ def _build_forward_plan(x: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Optiona
     _check_forward(x, w_gate, w_up, b_gate, b_up)
     if not use_kernels(x):
         return None
-    from ..kernels import swiglu_forward_tma
     from ..kernels.swiglu_fwd import forward_operands, forward_plan
+    from ..kernels.swiglu_fwd_tma import tma_forward_plan
     n, k = w_gate.shape
     x2d = x.reshape(-1, k)
     m = x2d.shape[0]
@@ -183,12 +185,14 @@ def _build_forward_plan(x: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Optiona
     allow_tf32 = _common.allow_tf32()
 
     if _use_tma(x2d, w_gate, w_up, out, preact):
+        launch_tma = tma_forward_plan(x2d, w_gate, w_up, b_gate, b_up, out, preact, allow_tf32)
+
         def run_tma(x, w_gate, w_up, b_gate, b_up):
             if (x.data_ptr() | w_gate.data_ptr() | w_up.data_ptr()) & 15:
-                return None
+                return None   # the copy engine needs 16-byte aligned operands: general path
             out = torch.empty(out_2d, device=device, dtype=dtype)
             preact = torch.empty(pre_shape, device=device, dtype=dtype) if save_preact else None
-            swiglu_forward_tma(x.reshape(m, k), w_gate, w_up, b_gate, b_up, out, preact, allow_tf32)
+            launch_tma(*forward_operands(x.reshape(m, k), w_gate, w_up, b_gate, b_up, out, preact))
             return out.reshape(out_shape), preact if save_preact else empty_like_nothing(x)
         return run_tma
 
@@ -581,5 +585,6 @@ for _name in ("swiglu", "swiglu_packed", "swiglu_preact", "swiglu_dx", "swiglu_d
     _common.register_autocast_follow(_name)
 # Casting would write the gradient into a copy: the in-place op runs on the dtypes it is given.
 _common.register_autocast_passthrough("swiglu_dh_inplace")
-_common.register_cuda_fast_path(swiglu, swiglu_packed, swiglu_preact, swiglu_dx, swiglu_dh, swiglu_dh_inplace,
-                                swiglu_dw, swiglu_packed_dw)
+_ALL_OPS = (swiglu, swiglu_packed, swiglu_preact, swiglu_dx, swiglu_dh, swiglu_dh_inplace, swiglu_dw, swiglu_packed_dw)
+_common.register_cuda_fast_path(*_ALL_OPS)
+_common.register_graph_twins(*_ALL_OPS)
