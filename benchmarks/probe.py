@@ -1,6 +1,8 @@
 """One shape, one pass, ours against Inductor: host and GPU time per call, kernels from the profiler.
 
-    python benchmarks/probe.py K N M [fwd|fwdbwd]
+    python benchmarks/probe.py K N M [fwd|fwdbwd]     SwiGLU
+    python benchmarks/probe.py norm D ROWS           gated norm, no-grad forward: each layer of
+                                                     the compiled call, and cProfile of both sides
 """
 from __future__ import annotations
 
@@ -14,7 +16,76 @@ import glu_fusion
 from bench_swiglu import GatedMLP
 
 
+def _per_call_us(fn, n: int = 2000) -> float:
+    for _ in range(20):
+        fn()
+    torch.cuda.synchronize()
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        for _ in range(n):
+            fn()
+        best = min(best, (time.perf_counter() - start) / n * 1e6)
+        torch.cuda.synchronize()
+    return best
+
+
+def norm_layers(d: int, rows: int) -> None:
+    import cProfile
+    import pstats
+
+    from bench_rms_norm_gated import eager_gated_norm
+    glu_fusion.config.rewrite_devices = ("cuda",)
+    dt = torch.bfloat16
+    x, z = (torch.randn(rows, d, device="cuda", dtype=dt) for _ in range(2))
+    w = (1 + 0.1 * torch.randn(d, device="cuda")).to(dt)
+    args = (x, z, w, 1e-6, None, True, "silu", 0.0, "none", False)
+    op = torch.ops.glu_fusion.rms_norm_gated
+    impl = glu_fusion.ops.rms_norm_gated.rms_norm_gated._init_fn
+    inductor = torch.compile(eager_gated_norm, dynamic=False)
+    ours = torch.compile(eager_gated_norm, dynamic=False, backend=glu_fusion.backend)
+    with torch.no_grad():
+        layers = {"implementation": lambda: impl(*args),
+                  "twin via dispatcher": lambda: torch.ops.glu_fusion.rms_norm_gated_nograd.default(*args),
+                  "op via dispatcher": lambda: op.default(*args),
+                  "compiled inductor": lambda: inductor(x, z, w), "compiled ours": lambda: ours(x, z, w)}
+        for name, fn in layers.items():
+            print(f"{name:24s} {_per_call_us(fn):7.1f} us/call")
+        plan = next(iter(glu_fusion.ops.rms_norm_gated._FORWARD_PLANS._plans.values()))
+        print(f"{'plan(x, z, w)':24s} {_per_call_us(lambda: plan(x, z, w)):7.1f} us/call")
+        y, rstd = torch.empty_like(x), torch.empty(rows, 1, device="cuda")
+        print(f"{'plan.launch':24s} {_per_call_us(lambda: plan.launch(x, z, w, y, rstd)):7.1f} us/call")
+        for name in ("compiled inductor", "compiled ours"):
+            prof = cProfile.Profile()
+            prof.enable()
+            for _ in range(2000):
+                layers[name]()
+            prof.disable()
+            print(f"--- cProfile {name}, 2000 calls")
+            pstats.Stats(prof).sort_stats("tottime").print_stats(18)
+
+
+def allocations() -> None:
+    """Host cost of the ways an op can allocate its output on the GPU."""
+    x = torch.randn(32, 128, device="cuda", dtype=torch.bfloat16)
+    shape, stride, device, dtype = (32, 128), (128, 1), x.device, x.dtype
+    fast = torch._C._dynamo.guards._empty_strided_cuda
+    ways = {"torch.empty(shape, device=, dtype=)": lambda: torch.empty(shape, device=device, dtype=dtype),
+            "x.new_empty(shape)": lambda: x.new_empty(shape),
+            "torch.empty_strided(shape, stride, device=, dtype=)":
+                lambda: torch.empty_strided(shape, stride, device=device, dtype=dtype),
+            "_empty_strided_cuda(shape, stride, dtype)": lambda: fast(shape, stride, dtype),
+            "torch.cuda.current_device()": torch.cuda.current_device,
+            "torch._C._cuda_getDevice()": torch._C._cuda_getDevice}
+    for name, fn in ways.items():
+        print(f"{name:55s} {_per_call_us(fn, 20000):6.2f} us/call")
+
+
 def main() -> None:
+    if sys.argv[1] == "alloc":
+        return allocations()
+    if sys.argv[1] == "norm":
+        return norm_layers(int(sys.argv[2]), int(sys.argv[3]))
     k, n, m = (int(a) for a in sys.argv[1:4])
     phase = sys.argv[4] if len(sys.argv) > 4 else "fwd"
     glu_fusion.config.rewrite_devices = ("cuda",)
