@@ -4,7 +4,8 @@
 median of ``triton.testing.do_bench``.  The floor is the bytes the fused computation must move
 over the measured device-copy bandwidth: forward reads x, z and writes y (3 passes); forward +
 backward adds reading x, z, dy and writing dx, dz (8 passes in all; the forward output itself
-is not needed by backward).  Peak memory is the allocator's peak over the inputs during one
+is not needed by backward).  ``copy`` is one device copy moving those same bytes, timed like the
+ops.  Peak memory is the allocator's peak over the inputs during one
 forward+backward.
 
     python benchmarks/bench_rms_norm_gated.py --json out.json --md out.md [--quick]
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import glu_fusion
-from _measure import copy_bandwidth, environment, time_phases, write_results
+from _measure import bench, copy_bandwidth, environment, time_phases, write_results
 
 from glu_fusion.ops.rms_norm_gated import rms_norm_gated_api
 
@@ -49,6 +50,10 @@ def measure(d: int, rows: int, bandwidth: float, variants: dict) -> dict:
     row = {"D": d, "rows": rows,
            "floor_fwd_ms": 3 * tensor_bytes / bandwidth * 1e3,
            "floor_fwdbwd_ms": 8 * tensor_bytes / bandwidth * 1e3}
+    # The same bytes moved by one device copy, timed like the ops: a floor that pays the same
+    # launch, ramp-up and tail as a kernel of this size (the bandwidth floor above does not).
+    for phase, passes in (("fwd", 3), ("fwdbwd", 8)):
+        row[f"copy_{phase}_ms"] = _copy_ms(passes * rows * d // 2, dtype)
     for name, fn in variants.items():
         def fwd():
             with torch.no_grad():
@@ -61,6 +66,12 @@ def measure(d: int, rows: int, bandwidth: float, variants: dict) -> dict:
     return row
 
 
+def _copy_ms(numel: int, dtype: torch.dtype) -> float:
+    src = torch.randn(numel, device="cuda").to(dtype)
+    dst = torch.empty_like(src)
+    return bench(lambda: dst.copy_(src))
+
+
 def make_variants() -> dict:
     """Fresh compiled functions (static shapes) for each shape; ours_backend is the whole path:
     our pass finds the eager spelling above and rewrites it into the fused op."""
@@ -71,13 +82,14 @@ def make_variants() -> dict:
 
 
 def markdown(rows: list, env: dict) -> str:
-    names = [k[:-7] for k in rows[0] if k.endswith("_fwd_ms") and not k.startswith("floor")]
+    names = [k[:-7] for k in rows[0] if k.endswith("_fwd_ms") and not k.startswith(("floor", "copy"))]
     lines = [f"Gated RMSNorm bf16 `rmsnorm(x)·w·silu(z)` on {env['device']}, torch {env['torch']}, "
              f"triton {env['triton']}, {env['date']}; copy bandwidth {env['copy_TBps']:.2f} TB/s. "
-             "Median ms; floor = bytes moved / copy bandwidth. ours_op: the functional op called "
+             "Median ms; floor = bytes moved / copy bandwidth; copy = one device copy moving the same "
+             "bytes, timed like the ops. ours_op: the functional op called "
              "eagerly; ours_backend: the eager spelling compiled with our backend (pass + op).", ""]
-    header = ("| D | rows | pass | floor | " + " | ".join(names)
-              + " | op/floor | op/inductor | backend/inductor |")
+    header = ("| D | rows | pass | floor | copy | " + " | ".join(names)
+              + " | op/floor | op/copy | op/inductor | backend/inductor |")
     lines += [header, "|" + "---|" * (header.count("|") - 1)]
     for r in rows:
         for phase in ("fwd", "fwdbwd"):
@@ -85,8 +97,10 @@ def markdown(rows: list, env: dict) -> str:
             cells = [f"{r[f'{nm}_{phase}_ms']:.4f}" for nm in names]
             mine = r[f"ours_op_{phase}_ms"]
             ind = r[f"inductor_{phase}_ms"]
-            lines.append(f"| {r['D']} | {r['rows']} | {phase} | {floor:.4f} | " + " | ".join(cells)
-                         + f" | {mine / floor:.2f} | {mine / ind:.2f} | {r[f'ours_backend_{phase}_ms'] / ind:.2f} |")
+            copy = r.get(f"copy_{phase}_ms", float("nan"))
+            lines.append(f"| {r['D']} | {r['rows']} | {phase} | {floor:.4f} | {copy:.4f} | " + " | ".join(cells)
+                         + f" | {mine / floor:.2f} | {mine / copy:.2f} | {mine / ind:.2f} | "
+                         f"{r[f'ours_backend_{phase}_ms'] / ind:.2f} |")
     lines += ["", "Peak memory over inputs during one forward+backward (MB):", "",
               "| D | rows | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 2)]
     for r in rows:
