@@ -226,3 +226,23 @@ def test_tma_forward_writes_every_element():
     from glu_fusion.kernels import swiglu_forward_tma
 
     _check_forward_writes_every_element(swiglu_forward_tma, 90, 64, 40)
+
+
+def test_tma_forward_leaves_the_callers_triton_allocator():
+    """The TMA forward sets Triton's allocator for its own launch only."""
+    from triton.runtime import _allocation
+
+    from glu_fusion.kernels import swiglu_forward_tma
+
+    def mine(size, alignment, stream):
+        return torch.empty(size, dtype=torch.int8)
+
+    token = _allocation._allocator.set(mine)
+    try:
+        x, wg, wu = torch.randn(20, 32), torch.randn(16, 32), torch.randn(16, 32)
+        out = torch.full((20, 16), float("nan"))
+        swiglu_forward_tma(x, wg, wu, None, None, out, None, False)
+        assert _allocation._allocator.get() is mine
+        torch.testing.assert_close(out, torch.nn.functional.silu(x @ wg.t()) * (x @ wu.t()), rtol=1e-4, atol=1e-4)
+    finally:
+        _allocation._allocator.reset(token)

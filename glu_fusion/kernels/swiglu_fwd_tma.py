@@ -100,6 +100,24 @@ def _num_programs(tiles: int) -> int:
     return min(tiles, sms)
 
 
+class _SetOnly:
+    """Stands in for Triton's allocator variable where it is not where we look: sets, never resets."""
+
+    @staticmethod
+    def set(allocator):
+        triton.set_allocator(allocator)
+
+    @staticmethod
+    def reset(token) -> None:
+        pass
+
+
+try:
+    from triton.runtime._allocation import _allocator as _ALLOCATOR
+except ImportError:  # another Triton layout
+    _ALLOCATOR = _SetOnly()
+
+
 def _scratch(size: int, alignment: int, stream) -> Tensor:
     """Global memory for the descriptors the kernel builds on the device (Triton asks per launch)."""
     return torch.empty(size, device="cuda", dtype=torch.int8)
@@ -130,8 +148,13 @@ def tma_forward_plan(x: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Optional[T
     scratch = _interpreter_scratch if interpreting() else _scratch
 
     def launch(x, w_gate, w_up, bg, bu, out, pre) -> None:
-        triton.set_allocator(scratch)  # per call: the setting is per thread (autograd runs others)
-        plan(x, w_gate, w_up, out, pre, bg, bu)
+        # Triton reads its allocator from a per-thread context variable (autograd runs other
+        # threads): ours for this launch, and whatever the caller had set afterwards.
+        token = _ALLOCATOR.set(scratch)
+        try:
+            plan(x, w_gate, w_up, out, pre, bg, bu)
+        finally:
+            _ALLOCATOR.reset(token)
     return launch
 
 

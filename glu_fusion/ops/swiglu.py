@@ -365,12 +365,12 @@ def swiglu_dh_inplace(dout: Tensor, preact: Tensor) -> None:
     For backward passes that own ``preact`` (recomputed there, or a saved buffer the compiled
     backward may consume: ``saved_preact_pass``), so that the ``[M, 2N]`` gradient needs no
     buffer of its own.  The kernel reads each element's g and u before writing it."""
-    _check_dh_inplace(dout, preact)
-    if plans_enabled(dout):
+    if plans_enabled(dout):  # the plan's build checks the arguments, once per signature
         plan = _DH_INPLACE_PLANS.get((tensor_key(dout), tensor_key(preact)), dout, preact)
         if plan is not None:
             plan(dout, preact)
             return
+    _check_dh_inplace(dout, preact)
     _gate_grad_into(dout, preact, *_preact_halves(preact))
 
 
@@ -384,6 +384,7 @@ def _check_dh_inplace(dout: Tensor, preact: Tensor) -> None:
 
 def _build_dh_inplace_plan(dout: Tensor, preact: Tensor):
     """``swiglu_dh_inplace``'s host work for this signature, done once; None: general path."""
+    _check_dh_inplace(dout, preact)
     if not use_kernels(dout):
         return None
     from ..kernels.swiglu_bwd import gate_grad_plan
