@@ -3,6 +3,9 @@
     python benchmarks/probe.py K N M [fwd|fwdbwd]     SwiGLU
     python benchmarks/probe.py norm D ROWS           gated norm, no-grad forward: each layer of
                                                      the compiled call, and cProfile of both sides
+    python benchmarks/probe.py tritonop D ROWS       the same forward as a ``torch.library.triton_op``
+                                                     (Inductor launches our kernel from its own code)
+    python benchmarks/probe.py alloc                 host cost of the ways to allocate an output
 """
 from __future__ import annotations
 
@@ -65,6 +68,38 @@ def norm_layers(d: int, rows: int) -> None:
             pstats.Stats(prof).sort_stats("tottime").print_stats(18)
 
 
+def triton_op_norm(d: int, rows: int) -> None:
+    """How much host time a compiled gated-norm forward would cost if Inductor launched our
+    kernel itself: the forward kernel wrapped as a ``triton_op``, against the op and Inductor."""
+    from torch.library import triton_op, wrap_triton
+
+    from bench_rms_norm_gated import eager_gated_norm
+    from glu_fusion.kernels.rms_norm_gated import forward_plan, rms_norm_gated_fwd_kernel
+    from glu_fusion.ops.rms_norm_gated import _forward_flags
+
+    @triton_op("glu_fusion_probe::norm_fwd", mutates_args=())
+    def norm_fwd(x: torch.Tensor, z: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        y = torch.empty_like(x)
+        rstd = torch.empty(x.shape[0], 1, device=x.device, dtype=torch.float32)
+        plan = forward_plan(x, z, w, y, *_forward_flags(x, w, 1e-6, None, True, "silu", 0.0, "none", False))
+        wrap_triton(rms_norm_gated_fwd_kernel)[plan.grid](x, z, w, y, rstd, *plan.scalars, **plan.keywords)
+        return y
+
+    glu_fusion.config.rewrite_devices = ("cuda",)
+    dt = torch.bfloat16
+    x, z = (torch.randn(rows, d, device="cuda", dtype=dt) for _ in range(2))
+    w = (1 + 0.1 * torch.randn(d, device="cuda")).to(dt)
+    variants = {"compiled inductor": torch.compile(eager_gated_norm, dynamic=False),
+                "compiled ours (op)": torch.compile(eager_gated_norm, dynamic=False, backend=glu_fusion.backend),
+                "compiled triton_op": torch.compile(lambda x, z, w: norm_fwd(x, z, w), dynamic=False),
+                "eager triton_op": norm_fwd}
+    with torch.no_grad():
+        want = eager_gated_norm(x, z, w).float()
+        for name, fn in variants.items():
+            err = (fn(x, z, w).float() - want).abs().max().item()
+            print(f"{name:24s} {_per_call_us(lambda: fn(x, z, w)):7.1f} us/call  (max abs diff {err:.1e})")
+
+
 def allocations() -> None:
     """Host cost of the ways an op can allocate its output on the GPU."""
     x = torch.randn(32, 128, device="cuda", dtype=torch.bfloat16)
@@ -84,6 +119,8 @@ def allocations() -> None:
 def main() -> None:
     if sys.argv[1] == "alloc":
         return allocations()
+    if sys.argv[1] == "tritonop":
+        return triton_op_norm(int(sys.argv[2]), int(sys.argv[3]))
     if sys.argv[1] == "norm":
         return norm_layers(int(sys.argv[2]), int(sys.argv[3]))
     k, n, m = (int(a) for a in sys.argv[1:4])
