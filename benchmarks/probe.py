@@ -17,20 +17,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import glu_fusion
 from bench_swiglu import GatedMLP
-
-
-def _per_call_us(fn, n: int = 2000) -> float:
-    for _ in range(20):
-        fn()
-    torch.cuda.synchronize()
-    best = float("inf")
-    for _ in range(3):
-        start = time.perf_counter()
-        for _ in range(n):
-            fn()
-        best = min(best, (time.perf_counter() - start) / n * 1e6)
-        torch.cuda.synchronize()
-    return best
+from host_overhead import per_call_us
 
 
 def norm_layers(d: int, rows: int) -> None:
@@ -53,11 +40,11 @@ def norm_layers(d: int, rows: int) -> None:
                   "op via dispatcher": lambda: op.default(*args),
                   "compiled inductor": lambda: inductor(x, z, w), "compiled ours": lambda: ours(x, z, w)}
         for name, fn in layers.items():
-            print(f"{name:24s} {_per_call_us(fn):7.1f} us/call")
+            print(f"{name:24s} {per_call_us(fn):7.1f} us/call")
         plan = next(iter(glu_fusion.ops.rms_norm_gated._FORWARD_PLANS._plans.values()))
-        print(f"{'plan(x, z, w)':24s} {_per_call_us(lambda: plan(x, z, w)):7.1f} us/call")
+        print(f"{'plan(x, z, w)':24s} {per_call_us(lambda: plan(x, z, w)):7.1f} us/call")
         y, rstd = torch.empty_like(x), torch.empty(rows, 1, device="cuda")
-        print(f"{'plan.launch':24s} {_per_call_us(lambda: plan.launch(x, z, w, y, rstd)):7.1f} us/call")
+        print(f"{'plan.launch':24s} {per_call_us(lambda: plan.launch(x, z, w, y, rstd)):7.1f} us/call")
         for name in ("compiled inductor", "compiled ours"):
             prof = cProfile.Profile()
             prof.enable()
@@ -97,7 +84,7 @@ def triton_op_norm(d: int, rows: int) -> None:
         want = eager_gated_norm(x, z, w).float()
         for name, fn in variants.items():
             err = (fn(x, z, w).float() - want).abs().max().item()
-            print(f"{name:24s} {_per_call_us(lambda: fn(x, z, w)):7.1f} us/call  (max abs diff {err:.1e})")
+            print(f"{name:24s} {per_call_us(lambda: fn(x, z, w)):7.1f} us/call  (max abs diff {err:.1e})")
 
 
 def allocations() -> None:
@@ -113,7 +100,7 @@ def allocations() -> None:
             "torch.cuda.current_device()": torch.cuda.current_device,
             "torch._C._cuda_getDevice()": torch._C._cuda_getDevice}
     for name, fn in ways.items():
-        print(f"{name:55s} {_per_call_us(fn, 20000):6.2f} us/call")
+        print(f"{name:55s} {per_call_us(fn, 20000):6.2f} us/call")
 
 
 def main() -> None:

@@ -10,12 +10,11 @@ inside ``auto_functionalized`` are kept: Inductor rewrites those itself later.
 """
 from __future__ import annotations
 
-import hashlib
-
 import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from . import __version__, config
+from .graph_pass import file_digest
 
 __all__ = ["GraphOpsPass", "use_graph_ops"]
 
@@ -43,9 +42,7 @@ class GraphOpsPass(CustomGraphPass):
         use_graph_ops(graph)
 
     def uuid(self) -> str:
-        with open(__file__, "rb") as f:
-            digest = hashlib.sha256(f.read()).hexdigest()
-        return f"glu_fusion-graph-ops-{__version__}-{digest}-{int(config.graph_ops)}"
+        return f"glu_fusion-graph-ops-{__version__}-{file_digest(__file__)}-{int(config.graph_ops)}"
 
     def __repr__(self) -> str:
         return "GraphOpsPass()"

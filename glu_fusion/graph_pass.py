@@ -7,6 +7,7 @@ patterns load on the first call and are registered once per process.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import threading
@@ -19,7 +20,7 @@ from . import __version__, config
 from .report import REPORT
 
 __all__ = ["GluPass", "ChainedPass", "with_pass", "without_pass", "with_glu_pass", "without_glu_pass",
-           "graph_has_rewritable_device"]
+           "graph_has_rewritable_device", "file_digest"]
 
 _lock = threading.Lock()
 _matcher = None          # the process-wide PatternMatcherPass, built on first use
@@ -56,6 +57,13 @@ def _sources_digest() -> str:
                 digest.update(os.path.basename(path).encode() + b"\0" + f.read() + b"\0")
         _source_digest = digest.hexdigest()
     return _source_digest
+
+
+@functools.lru_cache(maxsize=None)
+def file_digest(path: str) -> str:
+    """SHA-256 of one source file, read once per process: part of a pass's cache key."""
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
 
 
 def graph_has_rewritable_device(graph: torch.fx.Graph) -> bool:

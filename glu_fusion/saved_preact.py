@@ -12,13 +12,13 @@ backward knows more: AOTAutograd marks saved tensors that only the backward sees
 """
 from __future__ import annotations
 
-import hashlib
 from typing import Optional
 
 import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from . import __version__
+from .graph_pass import file_digest
 
 __all__ = ["SavedPreactPass", "reuse_saved_preact"]
 
@@ -85,10 +85,9 @@ class SavedPreactPass(CustomGraphPass):
         """Source hash plus this compile's donated placeholders: Inductor's graph cache does not
         key on donation, and a backward compiled with it must never serve one without (a
         backward first run with ``retain_graph`` is compiled without donated buffers)."""
-        with open(__file__, "rb") as f:
-            digest = hashlib.sha256(f.read()).hexdigest()
         donated = _donated_placeholder_idxs()
-        return f"glu_fusion-saved-preact-{__version__}-{digest}-{sorted(donated) if donated else None}"
+        return (f"glu_fusion-saved-preact-{__version__}-{file_digest(__file__)}-"
+                f"{sorted(donated) if donated else None}")
 
     def __repr__(self) -> str:
         return "SavedPreactPass()"

@@ -13,28 +13,9 @@ import torch.nn.functional as F
 import glu_fusion
 from glu_fusion.graph_ops import GraphOpsPass, use_graph_ops
 from glu_fusion.ops._common import GRAPH_TWINS
+from test_saved_preact import Packed, TwoWeights
 
 OPS = torch.ops.glu_fusion
-
-
-class TwoWeights(nn.Module):
-    def __init__(self, k=16, n=24):
-        super().__init__()
-        self.w1 = nn.Linear(k, n, bias=False)
-        self.w3 = nn.Linear(k, n, bias=False)
-
-    def forward(self, x):
-        return F.silu(self.w1(x)) * self.w3(x)
-
-
-class PackedWithBias(nn.Module):
-    def __init__(self, k=16, n=24):
-        super().__init__()
-        self.fc = nn.Linear(k, 2 * n)
-
-    def forward(self, x):
-        g, u = self.fc(x).chunk(2, -1)
-        return F.silu(g) * u
 
 
 class GatedNorm(nn.Module):
@@ -86,7 +67,7 @@ def test_compiled_swiglu_calls_twins(cpu_rewrites, monkeypatch, recompute):
 
 def test_compiled_packed_and_norm_call_twins(cpu_rewrites):
     x = torch.randn(6, 16, requires_grad=True)
-    codes, got, ref = _run(PackedWithBias(), [x])
+    codes, got, ref = _run(Packed(), [x])
     assert [_compiled_calls(c) for c in codes] == [["swiglu_packed_nograd"], ["swiglu_dh_inplace_nograd"]]
     _assert_close(got, ref)
     torch._dynamo.reset()

@@ -3,9 +3,9 @@
 Same contract as ``swiglu_fwd.swiglu_forward``.  Each of ``NUM_PROGRAMS`` programs (one per
 multiprocessor) walks output tiles in grouped order; operand tiles arrive through the copy
 engine (tensor descriptors the kernel builds), which also zero-fills ragged edges and clips
-ragged stores, so the main loop carries no masks.  Usable only when every tensor is TMA-addressable (unit last
-stride, 16-byte aligned base and row strides); ``tma_eligible`` says so, callers fall back to
-the pointer kernel otherwise.
+ragged stores, so the main loop carries no masks.  Usable only when every tensor is
+TMA-addressable (unit last stride, 16-byte aligned base and row strides); ``tma_eligible`` says
+so, callers fall back to the pointer kernel otherwise.
 """
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.runtime._allocation import _allocator
+
 from ._launch import LaunchPlan, interpreting, multiprocessors, precision
 from .swiglu_fwd import _swizzle, forward_operands
 
@@ -29,7 +31,7 @@ def swiglu_fwd_tma_kernel(
 ):
     # Descriptors built on the device, once per program: the launch passes plain pointers, so
     # it goes through the cached binary like every other kernel of ours (no per-call encoding
-    # of six descriptors on the host: benchmarks/NOTES.md, run 20).
+    # of six descriptors on the host: benchmarks/NOTES.md, runs 21-22).
     x_desc = tl.make_tensor_descriptor(x_ptr, [M, K], [stride_xm, 1], [BLOCK_M, BLOCK_K])
     wg_desc = tl.make_tensor_descriptor(wg_ptr, [N, K], [stride_wg, 1], [BLOCK_N, BLOCK_K])
     wu_desc = tl.make_tensor_descriptor(wu_ptr, [N, K], [stride_wu, 1], [BLOCK_N, BLOCK_K])
@@ -100,24 +102,6 @@ def _num_programs(tiles: int) -> int:
     return min(tiles, sms)
 
 
-class _SetOnly:
-    """Stands in for Triton's allocator variable where it is not where we look: sets, never resets."""
-
-    @staticmethod
-    def set(allocator):
-        triton.set_allocator(allocator)
-
-    @staticmethod
-    def reset(token) -> None:
-        pass
-
-
-try:
-    from triton.runtime._allocation import _allocator as _ALLOCATOR
-except ImportError:  # another Triton layout
-    _ALLOCATOR = _SetOnly()
-
-
 def _scratch(size: int, alignment: int, stream) -> Tensor:
     """Global memory for the descriptors the kernel builds on the device (Triton asks per launch)."""
     return torch.empty(size, device="cuda", dtype=torch.int8)
@@ -150,11 +134,11 @@ def tma_forward_plan(x: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Optional[T
     def launch(x, w_gate, w_up, bg, bu, out, pre) -> None:
         # Triton reads its allocator from a per-thread context variable (autograd runs other
         # threads): ours for this launch, and whatever the caller had set afterwards.
-        token = _ALLOCATOR.set(scratch)
+        token = _allocator.set(scratch)
         try:
             plan(x, w_gate, w_up, out, pre, bg, bu)
         finally:
-            _ALLOCATOR.reset(token)
+            _allocator.reset(token)
     return launch
 
 

@@ -39,7 +39,7 @@ LAYOUTS = {"concat": CONCAT_GATE_FIRST, "concat_up_first": CONCAT_UP_FIRST,
 
 
 # The persistent TMA forward wins from about this many tokens on (H100, benchmarks/NOTES.md,
-# run 20: 0.86-1.00x the pointer kernel's GPU time at 1024 tokens, once its launch cost the
+# run 22: 0.86-1.00x the pointer kernel's GPU time at 1024 tokens, once its launch cost the
 # host no more than the pointer kernel's).
 _TMA_MIN_TOKENS = 1024
 # From this many tokens on, training calls run cuBLAS and the gate kernel (``config.forward``):
