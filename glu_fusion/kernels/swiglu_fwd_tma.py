@@ -128,15 +128,25 @@ def tma_forward_plan(x: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Optional[T
                bg.stride(0), bu.stride(0))
     keywords = dict(HAS_BIAS=b_gate is not None, SAVE_PREACT=preact is not None,
                     PRECISION=precision(allow_tf32), NUM_PROGRAMS=programs, **meta)
-    plan = LaunchPlan(swiglu_fwd_tma_kernel, (programs,), scalars, keywords, x.device.index)
-    scratch = _interpreter_scratch if interpreting() else _scratch
+    plan = with_tma_scratch(LaunchPlan(swiglu_fwd_tma_kernel, (programs,), scalars, keywords,
+                                       x.device.index))
 
     def launch(x, w_gate, w_up, bg, bu, out, pre) -> None:
-        # Triton reads its allocator from a per-thread context variable (autograd runs other
-        # threads): ours for this launch, and whatever the caller had set afterwards.
+        plan(x, w_gate, w_up, out, pre, bg, bu)
+    return launch
+
+
+def with_tma_scratch(plan: LaunchPlan) -> Callable[..., None]:
+    """Wrap a launch of a kernel that builds tensor descriptors on the device: Triton asks its
+    allocator for their global scratch, and reads the allocator from a per-thread context
+    variable (autograd runs other threads), so set ours for this launch and restore whatever
+    the caller had set afterwards."""
+    scratch = _interpreter_scratch if interpreting() else _scratch
+
+    def launch(*tensors) -> None:
         token = _allocator.set(scratch)
         try:
-            plan(x, w_gate, w_up, out, pre, bg, bu)
+            plan(*tensors)
         finally:
             _allocator.reset(token)
     return launch

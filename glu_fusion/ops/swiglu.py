@@ -478,13 +478,18 @@ def _gemm_backward(dout: Tensor, preact: Tensor, x: Tensor, weights: tuple, layo
     weight grads in the same form, and the bias grads (or Nones).  ``owns_preact``: nothing
     else reads ``preact`` (it was recomputed here), so ``dH`` overwrites it where its columns
     sit as the pre-activations' do (``[dG | dU]``)."""
-    k = x.shape[-1]
     if owns_preact and layout == CONCAT_GATE_FIRST:
         torch.ops.glu_fusion.swiglu_dh_inplace(dout, preact)
         dh = preact
     else:
         dh = torch.ops.glu_fusion.swiglu_dh(dout, preact, layout)
-    x2d = x.reshape(-1, k)
+    return grads_from_dh(dh, x, weights, need_x, need_w, need_b)
+
+
+def grads_from_dh(dh: Tensor, x: Tensor, weights: tuple, need_x: bool, need_w: bool, need_b: bool):
+    """dx, the weight grads and the bias grads (each a tuple shaped like ``weights``, or None)
+    from ``dH`` laid out as the weights' rows: plain GEMMs and column sums."""
+    x2d = x.reshape(-1, x.shape[-1])
     dx = dws = dbs = None
     if len(weights) == 1:
         if need_x:
