@@ -9,6 +9,9 @@
 #   bash benchmarks/device_run.sh host    host time per call at tiny sizes (layers, ops, compiled, profiles)
 #   bash benchmarks/device_run.sh paired  small shapes, ours against Inductor, variants interleaved (~4 min)
 #   bash benchmarks/device_run.sh kernels GPU time of every kernel in one forward+backward (profiler)
+#   bash benchmarks/device_run.sh block   MLP-block benchmark with per-kernel profiles (--quick with "quick")
+#   bash benchmarks/device_run.sh gemm    our GEMM kernels alone against cuBLAS, with a tile-table sweep
+#   bash benchmarks/device_run.sh blocktests  GPU tests of the MLP-block ops alone
 #   bash benchmarks/device_run.sh tunenorm gated-norm tile and workspace sweep (not part of "all")
 #   bash benchmarks/device_run.sh tune    forward-kernel tile/schedule sweep (not part of "all")
 #   bash benchmarks/device_run.sh plots   PNG plots from the SwiGLU and gated-norm JSON
@@ -43,6 +46,10 @@ for stage in $stages; do
     kernels) python3 benchmarks/kernel_times.py --out "$OUT/kernel_times.txt" 2>&1 | tail -60 ;;
     tunenorm) python3 benchmarks/tune_norm_bwd.py 2>&1 | tee "$OUT/tune_norm.txt" | tail -60 ;;
     tune) python3 benchmarks/tune_swiglu_fwd.py --json "$OUT/tune.json" 2>&1 | tail -80 ;;
+    block) python3 benchmarks/bench_mlp_block.py $quick --json "$OUT/mlp_block.json" --md "$OUT/mlp_block.md" \
+             --profile "$OUT/mlp_block_profile.txt" 2>/tmp/block.err || tail -30 /tmp/block.err ;;
+    gemm) python3 benchmarks/bench_gemm_kernels.py --json "$OUT/gemm_kernels.json" --md "$OUT/gemm_kernels.md" 2>/tmp/gemm.err || tail -30 /tmp/gemm.err ;;
+    blocktests) python3 -m pytest -q -m gpu tests/test_gpu_mlp_block.py -x -rs -p no:cacheprovider 2>&1 | tee "$OUT/gpu_block_tests.log" | tail -25 ;;
     e2e) python3 benchmarks/bench_e2e.py --json "$OUT/e2e.json" --md "$OUT/e2e.md" 2>/tmp/e2e.err || tail -20 /tmp/e2e.err ;;
   esac
   echo "== stage $stage took $(( $(date +%s) - start )) s"

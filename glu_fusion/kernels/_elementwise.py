@@ -17,9 +17,11 @@ def tile_2d(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     return offs_m.to(tl.int64)[:, None], offs_n.to(tl.int64)[None, :], mask
 
 
-def elementwise_plan(kernel, m: int, n: int, scalars: tuple, device: int) -> LaunchPlan:
+def elementwise_plan(kernel, m: int, n: int, scalars: tuple, device: int, **constexprs) -> LaunchPlan:
     """The launch of an elementwise kernel over [M, N] (M, N positive) whose runtime scalars
-    are ``(M, N, *scalars)``: one program per 32×128 tile (16×16 in the interpreter)."""
+    are ``(M, N, *scalars)``: one program per 32×128 tile (16×16 in the interpreter); further
+    constexprs by keyword."""
     block_m, block_n = (16, 16) if interpreting() else (32, 128)
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
-    return LaunchPlan(kernel, grid, (m, n, *scalars), dict(BLOCK_M=block_m, BLOCK_N=block_n), device)
+    return LaunchPlan(kernel, grid, (m, n, *scalars), dict(BLOCK_M=block_m, BLOCK_N=block_n, **constexprs),
+                      device)

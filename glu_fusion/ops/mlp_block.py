@@ -25,9 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import reference
 from . import _common
-from ._common import check_same, use_kernels
+from ._common import PlanCache, check_same, plans_enabled, tensor_key, use_kernels
 from .swiglu import (CONCAT_GATE_FIRST, _check_forward, _dh_halves, _forward, _gate_grad_into,
                      _preact_halves, grads_from_dh, packed_views)
 
@@ -86,10 +85,13 @@ def _(x, weight, bias, layout, w_down, b_down, save_preact):
 
 # --- the backward GEMM with the gate's backward in its epilogue ----------------------------------
 
+#: The fused backward GEMM where it serves (benchmarks turn it off to measure what it saves).
+FUSED_DGATED = True
+
 def _fused_dgated_serves(dout2d: Tensor, w_down: Tensor, *outputs: Optional[Tensor]) -> bool:
     """The fused kernel needs the Triton kernels for this device, operands the copy engine can
     address, and a non-empty GEMM; everything else takes the GEMM + elementwise route."""
-    if not use_kernels(dout2d) or dout2d.shape[0] == 0 or dout2d.shape[1] == 0:
+    if not FUSED_DGATED or not use_kernels(dout2d) or dout2d.shape[0] == 0 or dout2d.shape[1] == 0:
         return False
     from ..kernels import tma_eligible
     return tma_eligible(dout2d, w_down, *outputs)
@@ -103,14 +105,7 @@ def _dgated_into(dout2d: Tensor, preact: Tensor, w_down: Tensor, d_g: Tensor, d_
         from ..kernels.mlp_dgated import mlp_dgated as launch
         launch(dout2d, w_down, g, u, d_g, d_u, h, _common.allow_tf32())
         return
-    dh_h = dout2d @ w_down
-    if h is not None:  # before dG/dU may overwrite g and u
-        if use_kernels(dout2d):
-            from ..kernels import swiglu_gate
-            swiglu_gate(g, u, h)
-        else:
-            h.copy_(reference.swiglu_gate(g, u))
-    _gate_grad_into(dh_h, preact, d_g, d_u)
+    _gate_grad_into(dout2d @ w_down, preact, d_g, d_u, h)
 
 
 def _check_dgated(dout: Tensor, preact: Tensor, w_down: Tensor) -> None:
@@ -122,13 +117,42 @@ def _check_dgated(dout: Tensor, preact: Tensor, w_down: Tensor) -> None:
     check_same("preact", preact, [("dout", dout), ("w_down", w_down)])
 
 
+def _build_dgated_plan(dout: Tensor, preact: Tensor, w_down: Tensor, d_g: Tensor, d_u: Tensor,
+                       h: Tensor):
+    """The fused kernel's launch for this argument signature, checked and built once; None: the
+    general path."""
+    _check_dgated(dout, preact, w_down)
+    g, u = _preact_halves(preact)
+    if not _fused_dgated_serves(dout, w_down, g, u, d_g, d_u, h):
+        return None
+    from ..kernels.mlp_dgated import dgated_plan
+    return dgated_plan(dout, w_down, g, u, d_g, d_u, h, _common.allow_tf32())
+
+
+_DGATED_PLANS = PlanCache(_build_dgated_plan)
+
+
+def _dgated(dout: Tensor, preact: Tensor, w_down: Tensor, d_g: Tensor, d_u: Tensor, h: Tensor,
+            key) -> None:
+    """``_dgated_into`` through a cached launch where the fused kernel serves this signature."""
+    g, u = _preact_halves(preact)
+    if plans_enabled(dout) and not (dout.data_ptr() | w_down.data_ptr() | preact.data_ptr()) & 15:
+        plan = _DGATED_PLANS.get((key, FUSED_DGATED, torch.get_float32_matmul_precision()),
+                                 dout, preact, w_down, d_g, d_u, h)
+        if plan is not None:
+            plan(dout, w_down, g, u, d_g, d_u, h)
+            return
+    _check_dgated(dout, preact, w_down)
+    _dgated_into(dout, preact, w_down, d_g, d_u, h)
+
+
 @torch.library.custom_op("glu_fusion::mlp_dgated", mutates_args=())
 def mlp_dgated(dout: Tensor, preact: Tensor, w_down: Tensor, layout: int) -> tuple[Tensor, Tensor]:
-    _check_dgated(dout, preact, w_down)
     m, n = preact.shape[0], preact.shape[1] // 2
     dh = preact.new_empty((m, 2 * n))
     h = preact.new_empty((m, n))
-    _dgated_into(dout, preact, w_down, *_dh_halves(dh, layout), h)
+    key = (tensor_key(dout), tensor_key(preact), tensor_key(w_down), layout)
+    _dgated(dout, preact, w_down, *_dh_halves(dh, layout), h, key)
     return dh, h
 
 
@@ -141,9 +165,9 @@ def _(dout, preact, w_down, layout):
 @torch.library.custom_op("glu_fusion::mlp_dgated_inplace", mutates_args=("preact",))
 def mlp_dgated_inplace(dout: Tensor, preact: Tensor, w_down: Tensor) -> Tensor:
     """``mlp_dgated`` with ``dH = [dG | dU]`` written over ``preact``; returns ``h``."""
-    _check_dgated(dout, preact, w_down)
     h = preact.new_empty((preact.shape[0], preact.shape[1] // 2))
-    _dgated_into(dout, preact, w_down, *_preact_halves(preact), h)
+    key = (tensor_key(dout), tensor_key(preact), tensor_key(w_down), "inplace")
+    _dgated(dout, preact, w_down, *_preact_halves(preact), h, key)
     return h
 
 

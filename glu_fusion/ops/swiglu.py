@@ -310,15 +310,19 @@ def swiglu_dh(dout: Tensor, preact: Tensor, layout: int) -> Tensor:
     return dh
 
 
-def _gate_grad_into(dout: Tensor, preact: Tensor, d_g_out: Tensor, d_u_out: Tensor) -> None:
-    """Write dG and dU of ``silu(g)·u`` into the given [M, N] views (which may be g and u)."""
+def _gate_grad_into(dout: Tensor, preact: Tensor, d_g_out: Tensor, d_u_out: Tensor,
+                    h_out: Optional[Tensor] = None) -> None:
+    """Write dG and dU of ``silu(g)·u`` into the given [M, N] views (which may be g and u), and
+    ``h = silu(g)·u`` into ``h_out`` when given."""
     n = preact.shape[1] // 2
     dout2d = dout.reshape(-1, n)
     g, u = _preact_halves(preact)
     if use_kernels(dout):
         from ..kernels import swiglu_gate_grad
-        swiglu_gate_grad(dout2d, g, u, d_g_out, d_u_out)
+        swiglu_gate_grad(dout2d, g, u, d_g_out, d_u_out, h_out)
     else:
+        if h_out is not None:
+            h_out.copy_(reference.swiglu_gate(g, u))
         d_g, d_u = reference.swiglu_grad_preact(dout2d, g, u)  # both read before either is written
         d_g_out.copy_(d_g)
         d_u_out.copy_(d_u)
@@ -344,7 +348,8 @@ def _build_dh_plan(dout: Tensor, preact: Tensor, layout: int):
 
     def run(dout, preact):
         dh = preact.new_empty((m, 2 * n))
-        launch(dout, *_preact_halves(preact), *_dh_halves(dh, layout))
+        d_g, d_u = _dh_halves(dh, layout)
+        launch(dout, *_preact_halves(preact), d_g, d_u, d_g)
         return dh
     run.launch = launch
     return run
@@ -397,7 +402,7 @@ def _build_dh_inplace_plan(dout: Tensor, preact: Tensor):
 
     def run(dout, preact):
         g, u = _preact_halves(preact)
-        launch(dout, g, u, g, u)
+        launch(dout, g, u, g, u, g)
     run.launch = launch
     return run
 
