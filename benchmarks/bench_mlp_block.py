@@ -155,7 +155,7 @@ def profile(k: int, n: int, m: int) -> str:
     dout = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     text = []
     for name, (fn, setup) in variants(module, m + CUDA_GRAPH_MAX_TOKENS + 1).items():
-        if name not in ("inductor", "ours", "ours_unfused_bwd"):
+        if name not in ("inductor", "ours", "ours_swiglu", "ours_unfused_bwd"):
             continue
         _apply(setup)
         for _ in range(3):
@@ -167,6 +167,7 @@ def profile(k: int, n: int, m: int) -> str:
             torch.cuda.synchronize()
         text.append(f"== {name}, {k}->{n}, M={m}, 5 forward+backward calls")
         text.append(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=70))
+        text.append(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=70))
     _apply({})
     return "\n".join(text)
 
@@ -224,7 +225,7 @@ def main(argv=None) -> int:
     print(markdown(rows, env))
     if args.profile:
         with open(args.profile, "w") as f:
-            f.write("\n\n".join(profile(k, n, 16384) for k, n in SHAPES[:2]))
+            f.write("\n\n".join(profile(k, n, m) for k, n in SHAPES[:2] for m in (16, 16384)))
     return 0
 
 

@@ -1,5 +1,7 @@
 """The SwiGLU family: ``silu(x·Wgᵀ + bg) * (x·Wuᵀ + bu)`` written in any of the usual ways,
-rewritten into ``glu_fusion::swiglu`` (two weights) or ``glu_fusion::swiglu_packed`` (one).
+rewritten into ``glu_fusion::swiglu`` (two weights) or ``glu_fusion::swiglu_packed`` (one); when
+the product's only user is a down projection ``linear(h, Wd, bd)``, the whole MLP block goes
+into ``glu_fusion::mlp_block`` / ``mlp_block_packed`` instead.
 
 Matching runs in two steps so the number of patterns stays a sum, not a product, of spellings:
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
+import os
 from typing import Optional
 
 import torch
@@ -35,6 +38,10 @@ from ._common import (Family, common_tensor_kind, copy_meta, declared_kwargs_onl
 
 aten = torch.ops.aten
 NAME = "swiglu"
+BLOCK_NAME = "mlp_block"
+#: Rewrite ``down(swiglu(x))`` into the whole-block op (on by default); off leaves the down
+#: projection to Inductor and rewrites the SwiGLU alone (the benchmarks compare both).
+REWRITE_BLOCK = os.environ.get("GLU_FUSION_BLOCK", "1").strip() != "0"
 
 # --- spellings of the pieces ---------------------------------------------------------------------
 # ``F.linear`` is ``torch._C._nn.linear``; ``aten.*`` spellings come from compiling an
@@ -336,7 +343,26 @@ def _check(match: Match, form: str) -> bool:
     return site_resolves(_resolve, match, form, "swiglu")
 
 
-# --- the rewrite -----------------------------------------------------------------------------------
+def _down_projection(site: _Site, anchor: fx.Node) -> Optional[_Linear]:
+    """The down projection ``linear(h, Wd, bd)`` when it is the product's only user, of the same
+    dtype and device, with nothing that may mutate state between the site and it."""
+    if len(anchor.users) != 1:
+        return None
+    down = _linear(next(iter(anchor.users)))
+    if down is None or down.x is not anchor:
+        return None
+    th, tw = fake(anchor), fake(down.w)
+    if th is None or tw is None or tw.dim() != 2 or not same_size(tw.shape[1], th.shape[-1]):
+        return None
+    tb = fake(down.b) if down.b is not None else None
+    if down.b is not None and (tb is None or not same_shape(tb.shape, tw.shape[:1])):
+        return None
+    if common_tensor_kind([("x", site.x), ("w_down", down.w), ("b_down", down.b)]) is None:
+        return None
+    if ordered_pure_span([site.nodes[0], anchor], down.node) is None:
+        return None
+    return down
+
 
 def _rewrite(match: Match, form: str) -> None:
     site = _resolve(match, form)
@@ -344,28 +370,37 @@ def _rewrite(match: Match, form: str) -> None:
         return
     anchor = match.output_node()
     graph = anchor.graph
+    down = _down_projection(site, anchor) if REWRITE_BLOCK else None
+    last = down.node if down is not None else anchor
     # Pre-activations are only worth writing when a backward can follow (not under no_grad,
     # not with frozen weights and inputs) and recomputing is not asked for.
-    traced = fake(anchor)
+    traced = fake(last)
     save_preact = not config.recompute and (traced is None or traced.requires_grad)
-    with graph.inserting_before(anchor):
+    down_args = (down.w, down.b) if down is not None else ()
+    with graph.inserting_before(last):
         if site.layout is None:
-            args = (site.x, *site.weights, *site.biases, save_preact)
-            op = graph.call_function(torch.ops.glu_fusion.swiglu.default, args)
+            target = torch.ops.glu_fusion.mlp_block if down is not None else torch.ops.glu_fusion.swiglu
+            args = (site.x, *site.weights, *site.biases, *down_args, save_preact)
         else:
-            args = (site.x, site.weights[0], site.biases[0], site.layout, save_preact)
-            op = graph.call_function(torch.ops.glu_fusion.swiglu_packed.default, args)
+            target = (torch.ops.glu_fusion.mlp_block_packed if down is not None
+                      else torch.ops.glu_fusion.swiglu_packed)
+            args = (site.x, site.weights[0], site.biases[0], site.layout, *down_args, save_preact)
+        op = graph.call_function(target.default, args)
         out = graph.call_function(operator.getitem, (op, 0))
-    copy_meta(anchor, op, with_value=False)
-    copy_meta(anchor, out)
+    copy_meta(last, op, with_value=False)
+    copy_meta(last, out)
     tx = fake(site.x)
+    shapes = (f"x{shape_str(site.x)}", *(f"w{shape_str(w)}" for w in site.weights))
+    if down is not None:
+        shapes += (f"w_down{shape_str(down.w)}",)
     REPORT.add(Rewrite(
-        family=NAME, spelling=site.spelling,
-        shapes=(f"x{shape_str(site.x)}", *(f"w{shape_str(w)}" for w in site.weights)),
+        family=BLOCK_NAME if down is not None else NAME,
+        spelling=site.spelling + (", down" + (" +bias" if down.b is not None else "") if down is not None else ""),
+        shapes=shapes,
         dtype=str(tx.dtype).replace("torch.", "") if tx is not None else "?",
-        source=source_line(anchor), module=module_path(anchor)))
-    anchor.replace_all_uses_with(out)
-    match.nodes = site.nodes
+        source=source_line(last), module=module_path(last)))
+    last.replace_all_uses_with(out)
+    match.nodes = site.nodes + ([down.node] if down is not None else [])
     match.erase_nodes()
 
 

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from .. import config, reference
 from . import _common
+from .weight_grad import weight_grad
 from ._common import PlanCache, check_same, empty_like_nothing, plans_enabled, tensor_key, use_kernels
 
 # Packed-weight layouts: where the gate rows and the up rows sit in a [2N, K] weight.
@@ -496,22 +497,18 @@ def grads_from_dh(dh: Tensor, x: Tensor, weights: tuple, need_x: bool, need_w: b
     from ``dH`` laid out as the weights' rows: plain GEMMs and column sums."""
     x2d = x.reshape(-1, x.shape[-1])
     dx = dws = dbs = None
-    if len(weights) == 1:
-        if need_x:
-            dx = (dh @ weights[0]).reshape(x.shape)
-        if need_w:
-            dws = (dh.t() @ x2d,)
-        if need_b:
-            dbs = (dh.sum(0),)
-        return dx, dws, dbs
     n = dh.shape[1] // 2
-    d_g, d_u = dh[:, :n], dh[:, n:]
     if need_x:
-        dx = torch.addmm(d_g @ weights[0], d_u, weights[1]).reshape(x.shape)
-    if need_w:
-        dws = (d_g.t() @ x2d, d_u.t() @ x2d)
-    if need_b:
-        dbs = (d_g.sum(0), d_u.sum(0))
+        if len(weights) == 1:
+            dx = (dh @ weights[0]).reshape(x.shape)
+        else:
+            dx = torch.addmm(dh[:, :n] @ weights[0], dh[:, n:], weights[1]).reshape(x.shape)
+    if need_w or need_b:
+        dw, db = weight_grad(dh, x2d, need_b)  # one GEMM over [dG | dU] for both halves
+        if need_w:
+            dws = (dw,) if len(weights) == 1 else (dw[:n], dw[n:])
+        if need_b:
+            dbs = (db,) if len(weights) == 1 else (db[:n], db[n:])
     return dx, dws, dbs
 
 
