@@ -71,20 +71,28 @@ class GroupedProblem:
         x, rest = leaves[0], leaves[1:]
         nw = len(self.weights)
         wg, wu, bg, bu = self.halves(rest[:nw], rest[nw:])
-        return grouped_reference.grouped_swiglu(x, self.offsets, wg, wu, bg, bu, self.activation,
-                                                self.alpha, self.limit)
+        g, u = grouped_reference.grouped_preact(x, self.offsets, wg, wu, bg, bu)
+        # Eager rounds each projection to the model's dtype before the gate; so does the oracle
+        # (the gradient passes straight through the rounding), so that where gpt-oss's clamp is
+        # active is decided on the same values.
+        dtype = self.x.dtype
+        g = g + (g.to(dtype).to(g.dtype) - g).detach()
+        u = u + (u.to(dtype).to(u.dtype) - u).detach()
+        return grouped_reference.gate(g, u, self.activation, self.alpha, self.limit)
 
 
 def make_problem(routing: str, k: int, n: int, dtype: torch.dtype, form: str = "separate",
-                 bias: bool = False, activation: str = "silu", counts=None, tail=None) -> GroupedProblem:
+                 bias: bool = False, activation: str = "silu", counts=None, tail=None,
+                 device: str = "cpu") -> GroupedProblem:
     if counts is None:
         counts, tail = ROUTINGS[routing]
     e, t = len(counts), sum(counts) + tail
-    x = torch.randn(t, k).to(dtype).requires_grad_()
     scale = k ** -0.5
 
     def leaf(*shape, s=1.0):
-        return (torch.randn(*shape) * s).to(dtype).requires_grad_()
+        return (torch.randn(*shape, device=device) * s).to(dtype).requires_grad_()
+
+    x = leaf(t, k)
 
     if form == "separate":
         weights = [leaf(e, n, k, s=scale), leaf(e, n, k, s=scale)]
@@ -95,7 +103,7 @@ def make_problem(routing: str, k: int, n: int, dtype: torch.dtype, form: str = "
     else:
         weights = [leaf(e, 2 * n, k, s=scale)]
         biases = [leaf(e, 2 * n, s=0.5)] if bias else []
-    problem = GroupedProblem(form, x, offsets_of(counts), weights, biases, activation,
+    problem = GroupedProblem(form, x, offsets_of(counts).to(device), weights, biases, activation,
                              grouped_reference.GPTOSS_ALPHA, grouped_reference.GPTOSS_LIMIT)
     if activation == "gptoss":
         problem.limit = clamp_limit_in_a_gap(problem)
