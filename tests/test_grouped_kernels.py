@@ -104,3 +104,19 @@ def test_strided_outputs_and_transposed_weights():
     want = ref.grouped_swiglu(x.double(), offsets, wg.double(), wu.double(), bg.double(), bu.double())
     torch.testing.assert_close(out, want.float(), atol=1e-5, rtol=1e-5)
     assert out_big[:, :8].isnan().all() and out_big[:, 24:].isnan().all()
+
+
+def test_persistent_programs_walk_several_tiles():
+    """With fewer programs than tiles each program loops over the work list (the GPU's case)."""
+    x, offsets, wg, wu, bg, bu = _problem([9, 0, 21, 1], 6, 24, 40, seed=11)
+    t, k, n = x.shape[0], 24, 40
+    full_out, full_pre = poisoned(t, n), poisoned(t, 2 * n)
+    grouped_swiglu_forward(x, offsets, wg, wu, bg, bu, full_out, full_pre, 0, 1.702, 7.0, False)
+    out, pre = poisoned(t, n), poisoned(t, 2 * n)
+    grouped_swiglu_forward(x, offsets, wg, wu, bg, bu, out, pre, 0, 1.702, 7.0, False, programs=3)
+    assert torch.equal(out, full_out) and torch.equal(pre, full_pre)
+    dh = torch.randn(t, 2 * n)
+    dx_full, dx = poisoned(t, k), poisoned(t, k)
+    grouped_input_grad(dh, offsets, wg, wu, dx_full, False)
+    grouped_input_grad(dh, offsets, wg, wu, dx, False, programs=2)
+    assert torch.equal(dx, dx_full) and torch.isfinite(dx).all()

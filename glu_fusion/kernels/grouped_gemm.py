@@ -280,7 +280,11 @@ def _tiles(table: dict, dtype: torch.dtype) -> tuple:
     return _INTERPRETER_TILE if interpreting() else table[dtype == torch.float32]
 
 
-def _persistent_grid(work: int, device: torch.device) -> int:
+def _persistent_grid(work: int, device: torch.device, programs: Optional[int]) -> int:
+    """Programs of a persistent launch: ``programs`` when given (tests make each program walk
+    several tiles), else one per tile in the interpreter and four per SM on the GPU."""
+    if programs is not None:
+        return max(1, min(work, programs))
     if interpreting() or device.type != "cuda":
         return max(1, work)
     return max(1, min(work, 4 * multiprocessors(device.index)))
@@ -297,7 +301,7 @@ def _strides2(t: Optional[Tensor]) -> tuple:
 def grouped_swiglu_forward(x: Tensor, offsets: Tensor, w_gate: Tensor, w_up: Tensor,
                            b_gate: Optional[Tensor], b_up: Optional[Tensor], out: Tensor,
                            preact: Optional[Tensor], activation: int, alpha: float, limit: float,
-                           allow_tf32: bool) -> None:
+                           allow_tf32: bool, programs: Optional[int] = None) -> None:
     """Write the gated output into ``out`` [T, N] and, if given, ``[g | u]`` into ``preact``
     [T, 2N]; rows of the padded tail become zeros.  Weights [E, N, K] and biases [E, N] may
     have any strides (views of packed or transposed storage).  ``activation``: 0 silu, 1 gpt-oss."""
@@ -311,7 +315,7 @@ def grouped_swiglu_forward(x: Tensor, offsets: Tensor, w_gate: Tensor, w_up: Ten
     pre = preact if preact is not None else out
     bg = b_gate if b_gate is not None else out
     bu = b_up if b_up is not None else out
-    grouped_swiglu_fwd_kernel[(_persistent_grid(work, x.device),)](
+    grouped_swiglu_fwd_kernel[(_persistent_grid(work, x.device, programs),)](
         x, w_gate, w_up, bg, bu, out, pre, ends, tile_cum,
         n, k, e + 1, max_tiles,
         *x.stride(), *_strides3(w_gate), *_strides3(w_up), *_strides2(b_gate), *_strides2(b_up),
@@ -322,7 +326,7 @@ def grouped_swiglu_forward(x: Tensor, offsets: Tensor, w_gate: Tensor, w_up: Ten
 
 
 def grouped_input_grad(dh: Tensor, offsets: Tensor, w_gate: Tensor, w_up: Tensor, dx: Tensor,
-                       allow_tf32: bool) -> None:
+                       allow_tf32: bool, programs: Optional[int] = None) -> None:
     """Write ``dX`` [T, K] = ``dGₑ·Wgₑ + dUₑ·Wuₑ`` per expert (``dH = [dG | dU]`` [T, 2N]);
     rows of the padded tail become zeros."""
     t, k = dx.shape
@@ -332,7 +336,7 @@ def grouped_input_grad(dh: Tensor, offsets: Tensor, w_gate: Tensor, w_up: Tensor
     block_m, block_n, block_k, warps, stages = _tiles(_GPU_DX, dh.dtype)
     ends, tile_cum, max_tiles = work_list(offsets, t, block_m)
     work = max_tiles * triton.cdiv(k, block_k)
-    grouped_dx_kernel[(_persistent_grid(work, dx.device),)](
+    grouped_dx_kernel[(_persistent_grid(work, dx.device, programs),)](
         dh, w_gate, w_up, dx, ends, tile_cum, n, k, e + 1, max_tiles,
         *dh.stride(), *_strides3(w_gate), *_strides3(w_up), *dx.stride(),
         PRECISION=precision(allow_tf32), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
