@@ -99,3 +99,14 @@ def test_compiled_backward_ignores_the_store(monkeypatch):
     torch._dynamo.reset()
     assert len(store) == 0
     assert all(w.grad is not None for w in problem.weights)
+
+
+def test_frozen_weight_does_not_block_deferral():
+    problem = make_problem("uneven", k=16, n=16, dtype=torch.float32)
+    problem.weights[1].requires_grad_(False)
+    store = WeightGradStore()
+    with store:
+        problem.run().sum().backward()
+    assert len(store) == 1 and problem.weights[0].grad is None
+    store.flush()
+    assert problem.weights[0].grad is not None and problem.weights[1].grad is None

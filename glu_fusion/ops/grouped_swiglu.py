@@ -216,7 +216,7 @@ def _weight_and_bias_grads(ctx, dh, x, offsets, need_w, need_b):
     ``WeightGradStore`` entered, dweight is None and its computation is queued instead."""
     store = active_store(dh, x) if need_w else None
     targets = ctx.weight_targets
-    if store is not None and deferrable(*targets):
+    if store is not None and deferrable(*[t for t in targets if t.requires_grad]):
         layout, n_weights = ctx.layout, ctx.n_weights
         dbias = torch.ops.glu_fusion.grouped_swiglu_dw(dh, x, offsets, layout, False, True)[1] if need_b else None
 
