@@ -1,0 +1,335 @@
+"""The grouped (mixture-of-experts) SwiGLU custom ops.
+
+``out[t] = act(xₜ·Wgₑᵀ + bgₑ, xₜ·Wuₑᵀ + buₑ)`` for each token ``t`` of expert ``e``, tokens
+sorted by expert, ``offsets`` [E] (int32/int64) their cumulative counts; rows from
+``offsets[-1]`` on (a padded tail) give zeros.  ``act`` is ``"silu"`` (``silu(g)·u``) or
+``"gptoss"`` (gpt-oss's clamped gate, ``alpha`` and ``limit`` from the model).
+
+Ops (namespace ``glu_fusion``), all functional:
+
+* ``grouped_swiglu(x, offsets, w_gate, w_up, b_gate, b_up, activation, alpha, limit,
+  save_preact) -> (out, preact)``: weights [E, N, K] with any strides (a transposed
+  ``[E, K, N]`` storage is read in place through ``.transpose(1, 2)``), biases [E, N].
+* ``grouped_swiglu_packed(x, offsets, weight, bias, layout, activation, alpha, limit,
+  save_preact) -> (out, preact)``: one ``[E, 2N, K]`` weight (``[E, 2N]`` bias) whose gate and
+  up rows sit as ``swiglu.LAYOUTS`` says, read in place; its gradient comes back packed.
+* ``grouped_swiglu_dh(dout, preact, offsets, activation, alpha, limit) -> dh``: the gate's
+  backward ``[dG | dU]`` [T, 2N].
+* ``grouped_swiglu_dx(dh, offsets, w_gate, w_up) -> dx``: the grouped input gradient.
+* ``grouped_swiglu_dw(dh, x, offsets, layout, want_weight, want_bias) -> (dweight, dbias)``:
+  the per-expert weight gradient ``[E, 2N, K]`` and bias gradient ``[E, 2N]``, packed as
+  ``layout`` says (empty when not wanted); deterministic.
+
+``preact`` is ``[T, 2N]`` = ``[g | u]`` rounded to x's dtype, or empty when ``save_preact`` is
+false (backward then recomputes it).  Inside a ``WeightGradStore`` the eager backward defers
+the weight gradient (``glu_fusion.weight_grad_store``).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import config, grouped_reference
+from ..weight_grad_store import accumulate_into_grad, active_store, deferrable
+from . import _common
+from ._common import check_same, empty_like_nothing, use_kernels
+from .swiglu import CONCAT_GATE_FIRST, LAYOUTS, packed_views
+
+ACTIVATION_CODES = {"silu": 0, "gptoss": 1}
+
+
+def expert_views(t: Tensor, layout: int) -> tuple[Tensor, Tensor]:
+    """(gate, up) views along dim 1 of a packed ``[E, 2N, K]`` weight or ``[E, 2N]`` bias."""
+    gate, up = packed_views(t.transpose(0, 1), layout)
+    return gate.transpose(0, 1), up.transpose(0, 1)
+
+
+def _check_forward(x: Tensor, offsets: Tensor, w_gate: Tensor, w_up: Tensor,
+                   b_gate: Optional[Tensor], b_up: Optional[Tensor], activation: str) -> None:
+    if activation not in ACTIVATION_CODES:
+        raise ValueError(f"glu_fusion: activation must be one of {sorted(ACTIVATION_CODES)}, got {activation!r}")
+    if x.dim() != 2:
+        raise ValueError(f"glu_fusion: grouped x must be 2-D [T, K], got {tuple(x.shape)}")
+    if w_gate.dim() != 3 or w_gate.shape != w_up.shape:
+        raise ValueError(f"glu_fusion: w_gate and w_up must both be [E, N, K], got {tuple(w_gate.shape)} "
+                         f"and {tuple(w_up.shape)}")
+    e, n, k = w_gate.shape
+    if x.shape[1] != k:
+        raise ValueError(f"glu_fusion: x has K={x.shape[1]} features but the weights expect K={k}")
+    if offsets.dim() != 1 or offsets.shape[0] != e or e == 0:
+        raise ValueError(f"glu_fusion: offsets must be 1-D with one entry per expert ({e}, at least one), "
+                         f"got {tuple(offsets.shape)}")
+    if offsets.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"glu_fusion: offsets must be int32 or int64, got {offsets.dtype}")
+    if offsets.device != x.device:
+        raise ValueError(f"glu_fusion: offsets is on {offsets.device} but x is on {x.device}")
+    if (b_gate is None) != (b_up is None):
+        raise ValueError("glu_fusion: give both b_gate and b_up, or neither")
+    for name, b in (("b_gate", b_gate), ("b_up", b_up)):
+        if b is not None and tuple(b.shape) != (e, n):
+            raise ValueError(f"glu_fusion: {name} must have shape ({e}, {n}), got {tuple(b.shape)}")
+    check_same("x", x, [("w_gate", w_gate), ("w_up", w_up), ("b_gate", b_gate), ("b_up", b_up)])
+
+
+def _forward(x, offsets, w_gate, w_up, b_gate, b_up, activation, alpha, limit, save_preact):
+    _check_forward(x, offsets, w_gate, w_up, b_gate, b_up, activation)
+    t, n = x.shape[0], w_gate.shape[1]
+    if use_kernels(x):
+        from ..kernels.grouped_gemm import grouped_swiglu_forward
+        out = x.new_empty((t, n))
+        preact = x.new_empty((t, 2 * n)) if save_preact else None
+        grouped_swiglu_forward(x, offsets, w_gate, w_up, b_gate, b_up, out, preact,
+                               ACTIVATION_CODES[activation], alpha, limit, _common.allow_tf32())
+    else:
+        g, u = grouped_reference.grouped_preact(x, offsets, w_gate, w_up, b_gate, b_up)
+        out = grouped_reference.gate(g, u, activation, alpha, limit)
+        preact = torch.cat([g, u], dim=1) if save_preact else None
+    return out, preact if preact is not None else empty_like_nothing(x)
+
+
+def _fake_forward(x, offsets, w_gate, w_up, b_gate, b_up, activation, save_preact):
+    _check_forward(x, offsets, w_gate, w_up, b_gate, b_up, activation)
+    t, n = x.shape[0], w_gate.shape[1]
+    return x.new_empty((t, n)), x.new_empty((t, 2 * n) if save_preact else (0,))
+
+
+# --- forward ops ---------------------------------------------------------------------------------
+
+@torch.library.custom_op("glu_fusion::grouped_swiglu", mutates_args=())
+def grouped_swiglu(x: Tensor, offsets: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Optional[Tensor],
+                   b_up: Optional[Tensor], activation: str, alpha: float, limit: float,
+                   save_preact: bool) -> tuple[Tensor, Tensor]:
+    return _forward(x, offsets, w_gate, w_up, b_gate, b_up, activation, alpha, limit, save_preact)
+
+
+@grouped_swiglu.register_fake
+def _(x, offsets, w_gate, w_up, b_gate, b_up, activation, alpha, limit, save_preact):
+    return _fake_forward(x, offsets, w_gate, w_up, b_gate, b_up, activation, save_preact)
+
+
+def _packed_halves(weight: Tensor, bias: Optional[Tensor], layout: int):
+    if weight.dim() != 3:
+        raise ValueError(f"glu_fusion: a packed expert weight must be [E, 2N, K], got {tuple(weight.shape)}")
+    w_gate, w_up = expert_views(weight, layout)
+    b_gate, b_up = expert_views(bias, layout) if bias is not None else (None, None)
+    return w_gate, w_up, b_gate, b_up
+
+
+@torch.library.custom_op("glu_fusion::grouped_swiglu_packed", mutates_args=())
+def grouped_swiglu_packed(x: Tensor, offsets: Tensor, weight: Tensor, bias: Optional[Tensor], layout: int,
+                          activation: str, alpha: float, limit: float,
+                          save_preact: bool) -> tuple[Tensor, Tensor]:
+    return _forward(x, offsets, *_packed_halves(weight, bias, layout), activation, alpha, limit, save_preact)
+
+
+@grouped_swiglu_packed.register_fake
+def _(x, offsets, weight, bias, layout, activation, alpha, limit, save_preact):
+    return _fake_forward(x, offsets, *_packed_halves(weight, bias, layout), activation, save_preact)
+
+
+# --- backward ops --------------------------------------------------------------------------------
+
+@torch.library.custom_op("glu_fusion::grouped_swiglu_dh", mutates_args=())
+def grouped_swiglu_dh(dout: Tensor, preact: Tensor, offsets: Tensor, activation: str, alpha: float,
+                      limit: float) -> Tensor:
+    """``[dG | dU]`` [T, 2N]; zero on the padded tail."""
+    t, n = dout.shape
+    if use_kernels(dout):
+        from ..kernels.grouped_gate import grouped_gate_grad
+        dh = preact.new_empty((t, 2 * n))
+        grouped_gate_grad(dout, preact, offsets, dh, ACTIVATION_CODES[activation], alpha, limit)
+        return dh
+    d_g, d_u = grouped_reference.gate_grad(dout, preact[:, :n], preact[:, n:], activation, alpha, limit)
+    dh = torch.cat([d_g, d_u], dim=1)
+    dh[max(0, min(int(offsets[-1]), t)):] = 0
+    return dh
+
+
+@grouped_swiglu_dh.register_fake
+def _(dout, preact, offsets, activation, alpha, limit):
+    return preact.new_empty((dout.shape[0], 2 * dout.shape[1]))
+
+
+@torch.library.custom_op("glu_fusion::grouped_swiglu_dx", mutates_args=())
+def grouped_swiglu_dx(dh: Tensor, offsets: Tensor, w_gate: Tensor, w_up: Tensor) -> Tensor:
+    if use_kernels(dh):
+        from ..kernels.grouped_gemm import grouped_input_grad
+        dx = dh.new_empty((dh.shape[0], w_gate.shape[2]))
+        grouped_input_grad(dh, offsets, w_gate, w_up, dx, _common.allow_tf32())
+        return dx
+    return grouped_reference.grouped_input_grad(dh, offsets, w_gate, w_up)
+
+
+@grouped_swiglu_dx.register_fake
+def _(dh, offsets, w_gate, w_up):
+    return dh.new_empty((dh.shape[0], w_gate.shape[2]))
+
+
+@torch.library.custom_op("glu_fusion::grouped_swiglu_dw", mutates_args=())
+def grouped_swiglu_dw(dh: Tensor, x: Tensor, offsets: Tensor, layout: int, want_weight: bool,
+                      want_bias: bool) -> tuple[Tensor, Tensor]:
+    e, n2, k = offsets.shape[0], dh.shape[1], x.shape[1]
+    dweight = x.new_empty((e, n2, k)) if want_weight else None
+    dbias = x.new_empty((e, n2)) if want_bias else None
+    if use_kernels(x):
+        from ..kernels.grouped_gemm import grouped_weight_grad
+        dw_gate, dw_up = expert_views(dweight, layout) if want_weight else (None, None)
+        db_gate, db_up = expert_views(dbias, layout) if want_bias else (None, None)
+        grouped_weight_grad(dh, x, offsets, dw_gate, dw_up, db_gate, db_up, _common.allow_tf32())
+    else:
+        dw, db = grouped_reference.grouped_weight_grad(dh, x, offsets, e)
+        n = n2 // 2
+        for full, out in ((dw, dweight), (db, dbias)):
+            if out is not None:
+                gate, up = expert_views(out, layout)
+                gate.copy_(full[:, :n])
+                up.copy_(full[:, n:])
+    return (dweight if want_weight else empty_like_nothing(x),
+            dbias if want_bias else empty_like_nothing(x))
+
+
+@grouped_swiglu_dw.register_fake
+def _(dh, x, offsets, layout, want_weight, want_bias):
+    e, n2, k = offsets.shape[0], dh.shape[1], x.shape[1]
+    return (x.new_empty((e, n2, k) if want_weight else (0,)),
+            x.new_empty((e, n2) if want_bias else (0,)))
+
+
+# --- autograd ------------------------------------------------------------------------------------
+
+def _setup(ctx, x, offsets, weights, biases, activation, alpha, limit, save_preact, output, layout):
+    out, preact = output
+    ctx.mark_non_differentiable(preact)
+    ctx.has_bias = biases[0] is not None
+    ctx.gate = (activation, alpha, limit)
+    ctx.layout = layout
+    ctx.n_weights = len(weights)
+    ctx.save_for_backward(x, offsets, *weights, *biases, preact if save_preact else None)
+    # The weights as the caller passed them: a deferred weight gradient goes to their .grad.
+    ctx.weight_targets = weights
+
+
+def _weight_and_bias_grads(ctx, dh, x, offsets, need_w, need_b):
+    """``(dweight, dbias)`` packed ``[E, 2N, K]`` / ``[E, 2N]`` (or Nones); with a
+    ``WeightGradStore`` entered, dweight is None and its computation is queued instead."""
+    store = active_store(dh, x) if need_w else None
+    targets = ctx.weight_targets
+    if store is not None and deferrable(*[t for t in targets if t.requires_grad]):
+        layout, n_weights = ctx.layout, ctx.n_weights
+        dbias = torch.ops.glu_fusion.grouped_swiglu_dw(dh, x, offsets, layout, False, True)[1] if need_b else None
+
+        def compute_weight_grad() -> None:
+            with torch.no_grad():
+                dweight = torch.ops.glu_fusion.grouped_swiglu_dw(dh, x, offsets, layout, True, False)[0]
+                parts = (dweight,) if n_weights == 1 else expert_views(dweight, layout)
+                for target, grad in zip(targets, parts):
+                    if target.requires_grad:
+                        accumulate_into_grad(target, grad)
+
+        store.put(compute_weight_grad)
+        return None, dbias
+    if not (need_w or need_b):
+        return None, None
+    dweight, dbias = torch.ops.glu_fusion.grouped_swiglu_dw(dh, x, offsets, ctx.layout, need_w, need_b)
+    return (dweight if need_w else None), (dbias if need_b else None)
+
+
+def _grouped_swiglu_setup(ctx, inputs, output):
+    x, offsets, w_gate, w_up, b_gate, b_up, activation, alpha, limit, save_preact = inputs
+    _setup(ctx, x, offsets, (w_gate, w_up), (b_gate, b_up), activation, alpha, limit, save_preact,
+           output, CONCAT_GATE_FIRST)
+
+
+def _grouped_swiglu_backward(ctx, dout, _dpreact):
+    x, offsets, w_gate, w_up, b_gate, b_up, preact = ctx.saved_tensors
+    need_x, _, need_wg, need_wu, need_bg, need_bu = ctx.needs_input_grad[:6]
+    nothing = (None,) * 4
+    if not any((need_x, need_wg, need_wu, need_bg, need_bu)):
+        return (None,) * 6 + nothing
+    act, alpha, limit = ctx.gate
+    if preact is None:
+        preact = torch.ops.glu_fusion.grouped_swiglu(x, offsets, w_gate, w_up, b_gate, b_up,
+                                                     act, alpha, limit, True)[1]
+    dh = torch.ops.glu_fusion.grouped_swiglu_dh(dout, preact, offsets, act, alpha, limit)
+    dx = torch.ops.glu_fusion.grouped_swiglu_dx(dh, offsets, w_gate, w_up) if need_x else None
+    dweight, dbias = _weight_and_bias_grads(ctx, dh, x, offsets, need_wg or need_wu,
+                                            ctx.has_bias and (need_bg or need_bu))
+    dwg, dwu = expert_views(dweight, CONCAT_GATE_FIRST) if dweight is not None else (None, None)
+    dbg, dbu = expert_views(dbias, CONCAT_GATE_FIRST) if dbias is not None else (None, None)
+    return (dx, None, dwg if need_wg else None, dwu if need_wu else None,
+            dbg if need_bg else None, dbu if need_bu else None) + nothing
+
+
+grouped_swiglu.register_autograd(_grouped_swiglu_backward, setup_context=_grouped_swiglu_setup)
+
+
+def _grouped_swiglu_packed_setup(ctx, inputs, output):
+    x, offsets, weight, bias, layout, activation, alpha, limit, save_preact = inputs
+    _setup(ctx, x, offsets, (weight,), (bias,), activation, alpha, limit, save_preact, output, layout)
+
+
+def _grouped_swiglu_packed_backward(ctx, dout, _dpreact):
+    x, offsets, weight, bias, preact = ctx.saved_tensors
+    need_x, _, need_w, need_b = ctx.needs_input_grad[:4]
+    nothing = (None,) * 5
+    if not any((need_x, need_w, need_b)):
+        return (None,) * 4 + nothing
+    act, alpha, limit = ctx.gate
+    w_gate, w_up, b_gate, b_up = _packed_halves(weight, bias, ctx.layout)
+    if preact is None:
+        preact = torch.ops.glu_fusion.grouped_swiglu(x, offsets, w_gate, w_up, b_gate, b_up,
+                                                     act, alpha, limit, True)[1]
+    dh = torch.ops.glu_fusion.grouped_swiglu_dh(dout, preact, offsets, act, alpha, limit)
+    dx = torch.ops.glu_fusion.grouped_swiglu_dx(dh, offsets, w_gate, w_up) if need_x else None
+    dweight, dbias = _weight_and_bias_grads(ctx, dh, x, offsets, need_w, ctx.has_bias and need_b)
+    return (dx, None, dweight, dbias) + nothing
+
+
+grouped_swiglu_packed.register_autograd(_grouped_swiglu_packed_backward,
+                                        setup_context=_grouped_swiglu_packed_setup)
+
+for _name in ("grouped_swiglu", "grouped_swiglu_packed", "grouped_swiglu_dh", "grouped_swiglu_dx",
+              "grouped_swiglu_dw"):
+    _common.register_autocast_follow(_name)
+_ALL_OPS = (grouped_swiglu, grouped_swiglu_packed, grouped_swiglu_dh, grouped_swiglu_dx, grouped_swiglu_dw)
+_common.register_cuda_fast_path(*_ALL_OPS)
+_common.register_graph_twins(*_ALL_OPS)
+
+
+# --- the functional API ------------------------------------------------------------------------
+
+def _save_preact(*tensors: Optional[Tensor]) -> bool:
+    """Write the pre-activations only when a backward can need them and recompute is off."""
+    if config.recompute or not torch.is_grad_enabled():
+        return False
+    return any(t is not None and t.requires_grad for t in tensors)
+
+
+def grouped_swiglu_api(x: Tensor, offsets: Tensor, w_gate: Tensor, w_up: Tensor,
+                       bias_gate: Optional[Tensor] = None, bias_up: Optional[Tensor] = None, *,
+                       activation: str = "silu", alpha: float = grouped_reference.GPTOSS_ALPHA,
+                       limit: float = grouped_reference.GPTOSS_LIMIT) -> Tensor:
+    """Expert SwiGLU over tokens ``x`` [T, K] sorted by expert: ``offsets`` [E] int32 holds the
+    cumulative token counts, ``w_gate``/``w_up`` are [E, N, K] (any strides), biases [E, N].
+    Returns [T, N], zero on rows past ``offsets[-1]``.  ``activation="gptoss"`` applies gpt-oss's
+    clamped gate with ``alpha`` and ``limit``.  Differentiable in x, the weights and biases."""
+    save = _save_preact(x, w_gate, w_up, bias_gate, bias_up)
+    return grouped_swiglu(x, offsets, w_gate, w_up, bias_gate, bias_up, activation, float(alpha),
+                          float(limit), save)[0]
+
+
+def grouped_swiglu_packed_api(x: Tensor, offsets: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
+                              layout: str = "concat", *, activation: str = "silu",
+                              alpha: float = grouped_reference.GPTOSS_ALPHA,
+                              limit: float = grouped_reference.GPTOSS_LIMIT) -> Tensor:
+    """Expert SwiGLU with one packed ``[E, 2N, K]`` weight (and ``[E, 2N]`` bias) read in place;
+    ``layout`` as for ``glu_fusion.swiglu_packed`` (gpt-oss: ``"interleaved"``; its ``[E, K, 2N]``
+    storage passes as ``weight.transpose(1, 2)``)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"glu_fusion.grouped_swiglu_packed: layout must be one of {sorted(LAYOUTS)}, "
+                         f"got {layout!r}")
+    save = _save_preact(x, weight, bias)
+    return grouped_swiglu_packed(x, offsets, weight, bias, LAYOUTS[layout], activation, float(alpha),
+                                 float(limit), save)[0]

@@ -1,0 +1,340 @@
+"""The expert family: a mixture-of-experts block's gated projections computed with grouped GEMMs
+over tokens sorted by expert, rewritten into ``glu_fusion::grouped_swiglu`` (two weights) or
+``glu_fusion::grouped_swiglu_packed`` (one packed weight).
+
+Spellings (``mm`` is ``torch._grouped_mm`` / ``F.grouped_mm`` with ``offs=`` cumulative counts;
+the weight operand ``b`` is ``[E, K, N]``, often ``w.transpose(-2, -1)`` of a ``[E, N, K]``
+parameter, and is read in place through a transposed view):
+
+* torchtitan: ``silu(mm(x, w1ᵀ, offs)) * mm(x, w3ᵀ, offs)``;
+* packed: ``mm(x, w13ᵀ, offs)`` then ``chunk``/``split``/interleaved ``[..., ::2]`` slices;
+* gpt-oss's gate on either: ``g = g.clamp(max=L); u = u.clamp(-L, L);
+  (u + 1) * (g * sigmoid(g * alpha))``.
+
+Left alone: other activations, gpt-oss-like clamps whose limits disagree, a product with
+anything else inside (routing weights multiplied into ``up``), grouped GEMMs with a bias or an
+``out_dtype``, different offsets or inputs for the two projections, intermediates with other
+users.  A per-expert Python loop traces to data-dependent shapes (one graph per routing, or a
+graph break on ``.tolist()``) and is not matched.
+"""
+from __future__ import annotations
+
+import dataclasses
+import operator
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+from torch._inductor.pattern_matcher import CallFunction, CallMethod, KeywordArg, Match, register_graph_pattern
+
+from glu_fusion import config
+from glu_fusion.report import REPORT, Rewrite
+
+from ._common import (Family, common_tensor_kind, copy_meta, declared_kwargs_only, fake, module_path,
+                      ordered_pure_span, same_shape, same_size, shape_str, site_resolves, source_line)
+from .swiglu import _anchor_patterns, _halves_of_slices, _halves_of_split, _products
+
+aten = torch.ops.aten
+NAME = "experts"
+
+_GROUPED_MM = [t for t in (getattr(torch, "_grouped_mm", None), getattr(F, "grouped_mm", None),
+                           getattr(aten, "_grouped_mm", None) and aten._grouped_mm.default) if t is not None]
+_ADD = [operator.add, torch.add, aten.add.Tensor]
+_MUL = [operator.mul, torch.mul, aten.mul.Tensor]
+_SIGMOID = [torch.sigmoid, aten.sigmoid.default]
+_CLAMP = [torch.clamp, aten.clamp.default]
+
+
+def _gptoss_anchor_patterns() -> list[tuple[str, object]]:
+    """``(up + 1) * glu`` and ``glu * (up + 1)``; the clamps and ``glu`` are read by hand."""
+    upc, glu = KeywordArg("upc"), KeywordArg("glu")
+    plus_one = [CallFunction(_ADD, upc, 1), CallFunction(_ADD, upc, 1.0), CallMethod("add", upc, 1)]
+    out = []
+    for p in plus_one:
+        out += [("(u+1)*glu", q) for q in _products(p, glu)]
+        out += [("glu*(u+1)", q) for q in _products(glu, p)]
+    return out
+
+
+# --- reading the pieces ----------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class _GroupedMM:
+    node: fx.Node
+    x: fx.Node
+    b: fx.Node      # [E, K, N]
+    offs: fx.Node
+
+
+def _grouped_mm(node: object) -> Optional[_GroupedMM]:
+    """``mm(x, b, offs=offs)`` with no bias, scale or output dtype, x 2-D and b 3-D."""
+    if not isinstance(node, fx.Node) or node.op != "call_function" or node.target not in _GROUPED_MM:
+        return None
+    args, kwargs = list(node.args), dict(node.kwargs)
+    if len(args) < 2 or len(args) > 3:
+        return None
+    offs = args[2] if len(args) == 3 else kwargs.pop("offs", None)
+    if any(v is not None for v in kwargs.values()):   # bias=, out_dtype=: not what the op computes
+        return None
+    x, b = args[0], args[1]
+    if not all(isinstance(n, fx.Node) for n in (x, b, offs)):
+        return None
+    tx, tb, to = fake(x), fake(b), fake(offs)
+    if tx is None or tb is None or to is None or tx.dim() != 2 or tb.dim() != 3 or to.dim() != 1:
+        return None
+    if to.dtype not in (torch.int32, torch.int64) or not same_size(tx.shape[1], tb.shape[1]) \
+            or not same_size(to.shape[0], tb.shape[0]):
+        return None
+    return _GroupedMM(node, x, b, offs)
+
+
+def _is_last_dim_size(node: fx.Node, width) -> bool:
+    t = fake(node)
+    return t is not None and same_size(t.shape[-1], width)
+
+
+@dataclasses.dataclass
+class _Site:
+    spelling: str
+    x: fx.Node
+    offs: fx.Node
+    weights: tuple[fx.Node, ...]      # each [E, K, N'] (the grouped GEMM's operand)
+    layout: Optional[int]             # packed layout; None for two weights
+    nodes: list[fx.Node]
+
+
+def _projections(gate: fx.Node, up: fx.Node) -> Optional[_Site]:
+    """Two grouped GEMMs of one input and one routing, or the halves of one packed GEMM."""
+    mg, mu = _grouped_mm(gate), _grouped_mm(up)
+    if mg is not None and mu is not None:
+        if mg.x is not mu.x or mg.offs is not mu.offs:
+            return None
+        if not same_shape(fake(mg.b).shape, fake(mu.b).shape):
+            return None
+        return _Site("grouped_mm x2", mg.x, mg.offs, (mg.b, mu.b), None, [gate, up])
+    found = _halves_of_split(gate, up) or _halves_of_slices(gate, up)
+    if found is None:
+        return None
+    kind, layout, nodes, y = found
+    m = _grouped_mm(y)
+    if m is None or len(y.users) != (2 if kind == "interleaved" else 1):
+        return None
+    tb, tg = fake(m.b), fake(gate)
+    if tg is None or not isinstance(tb.shape[2], int) or tb.shape[2] % 2 \
+            or not same_size(tg.shape[-1] * 2, tb.shape[2]):
+        return None
+    return _Site(f"grouped_mm packed {kind}", m.x, m.offs, (m.b,), layout, nodes)
+
+
+def _only_used_by(node: fx.Node, users: set) -> bool:
+    return set(node.users) <= users and len(node.users) > 0
+
+
+# gpt-oss gate -------------------------------------------------------------------------------------
+
+def _clamp_bounds(node: object) -> Optional[tuple[fx.Node, object, object]]:
+    """(input, min, max) of ``t.clamp(min, max)`` / ``torch.clamp`` / ``clamp_max``; None if not one."""
+    if not isinstance(node, fx.Node):
+        return None
+    if node.op == "call_method" and node.target in ("clamp", "clip") or \
+            node.op == "call_function" and node.target in _CLAMP:
+        names = ("input", "min", "max")
+        values = dict(zip(names, node.args))
+        for key, value in node.kwargs.items():
+            if key not in names or key in values:
+                return None
+            values[key] = value
+        return values.get("input"), values.get("min"), values.get("max")
+    if (node.op == "call_method" and node.target == "clamp_max") or \
+            (node.op == "call_function" and node.target in (torch.clamp_max, aten.clamp_max.default)):
+        if len(node.args) == 2 and not node.kwargs:
+            return node.args[0], None, node.args[1]
+    return None
+
+
+def _number(v) -> Optional[float]:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def _sigmoid_input(node: fx.Node) -> Optional[fx.Node]:
+    if node.op == "call_function" and node.target in _SIGMOID and len(node.args) == 1 and not node.kwargs:
+        return node.args[0]
+    if node.op == "call_method" and node.target == "sigmoid" and len(node.args) == 1 and not node.kwargs:
+        return node.args[0]
+    return None
+
+
+def _mul_operands(node: object) -> Optional[tuple]:
+    if not isinstance(node, fx.Node) or node.kwargs or len(node.args) != 2:
+        return None
+    if (node.op == "call_function" and node.target in _MUL) or (node.op == "call_method" and node.target == "mul"):
+        return node.args
+    return None
+
+
+def _gptoss_glu(glu: fx.Node) -> Optional[tuple[fx.Node, float, list[fx.Node]]]:
+    """(clamped gate node, alpha, nodes) for ``gc * sigmoid(gc * alpha)`` in any operand order."""
+    ops = _mul_operands(glu)
+    if ops is None:
+        return None
+    for gc, sig in (ops, ops[::-1]):
+        if not isinstance(sig, fx.Node) or not isinstance(gc, fx.Node):
+            continue
+        inner = _sigmoid_input(sig)
+        scaled = _mul_operands(inner)
+        if scaled is None:
+            continue
+        for a, b in (scaled, scaled[::-1]):
+            alpha = _number(b)
+            if a is gc and alpha is not None:
+                return gc, alpha, [inner, sig, glu]
+    return None
+
+
+def _resolve_gptoss(match: Match, form: str) -> Optional[tuple[_Site, float, float]]:
+    upc, glu = match.kwargs["upc"], match.kwargs["glu"]
+    if not isinstance(upc, fx.Node) or not isinstance(glu, fx.Node):
+        return None
+    found = _gptoss_glu(glu)
+    if found is None:
+        return None
+    gc, alpha, glu_nodes = found
+    cg, cu = _clamp_bounds(gc), _clamp_bounds(upc)
+    if cg is None or cu is None:
+        return None
+    gate, g_min, g_max = cg
+    up, u_min, u_max = cu
+    limit = _number(g_max)
+    if limit is None or g_min is not None or _number(u_max) != limit or _number(u_min) != -limit:
+        return None
+    if not isinstance(gate, fx.Node) or not isinstance(up, fx.Node) or gate is up:
+        return None
+    anchor = match.output_node()
+    plus = [n for n in match.nodes if n is not anchor and n is not glu]
+    inner, sig, _ = glu_nodes
+    # Each intermediate feeds this site only.
+    if not (_only_used_by(gate, {gc}) and _only_used_by(up, {upc}) and _only_used_by(gc, {inner, glu})
+            and _only_used_by(inner, {sig}) and _only_used_by(sig, {glu}) and _only_used_by(glu, {anchor})
+            and _only_used_by(upc, set(plus)) and all(_only_used_by(p, {anchor}) for p in plus)):
+        return None
+    site = _projections(gate, up)
+    if site is None:
+        return None
+    site.nodes = [*site.nodes, gc, upc, inner, sig, glu, *plus]
+    site.spelling = f"{site.spelling}, gpt-oss {form}"
+    return site, alpha, limit
+
+
+def _resolve_silu(match: Match, form: str) -> Optional[_Site]:
+    gate, up = match.kwargs["gate"], match.kwargs["up"]
+    if not isinstance(gate, fx.Node) or not isinstance(up, fx.Node) or gate is up:
+        return None
+    anchor = match.output_node()
+    act_nodes = [n for n in match.nodes if n is not anchor]
+    if set(gate.users) != {n for n in act_nodes if gate in n.all_input_nodes}:
+        return None
+    if set(up.users) != {anchor}:
+        return None
+    site = _projections(gate, up)
+    if site is None:
+        return None
+    site.nodes = [*site.nodes, *act_nodes]
+    site.spelling = f"{site.spelling}, {form}"
+    return site
+
+
+def _resolve(match: Match, form: str):
+    """(site, activation, alpha, limit) behind an anchor match, or None."""
+    if not declared_kwargs_only(match):
+        return None
+    if "upc" in match.kwargs:
+        found = _resolve_gptoss(match, form)
+        if found is None:
+            return None
+        site, alpha, limit = found
+        activation = "gptoss"
+    else:
+        site = _resolve_silu(match, form)
+        if site is None:
+            return None
+        activation, alpha, limit = "silu", 1.702, 7.0
+    if common_tensor_kind([("x", site.x), *[("w", w) for w in site.weights]]) is None:
+        return None
+    anchor = match.output_node()
+    ordered = ordered_pure_span(site.nodes, anchor)
+    if ordered is None:
+        return None
+    site.nodes = ordered
+    return site, activation, alpha, limit
+
+
+def _check(match: Match, form: str) -> bool:
+    return site_resolves(_resolve, match, form, NAME)
+
+
+# --- the rewrite -----------------------------------------------------------------------------------
+
+def _is_swap_of_last_two(node: fx.Node) -> bool:
+    """``w.transpose(-2, -1)`` (any spelling of the last two dims of a 3-D tensor) or ``w.mT``."""
+    if node.op == "call_method" and node.target in ("transpose", "swapaxes") and not node.kwargs \
+            and len(node.args) == 3:
+        return {d % 3 for d in node.args[1:] if isinstance(d, int)} == {1, 2}
+    return False
+
+
+def _transposed(graph: fx.Graph, b: fx.Node) -> fx.Node:
+    """The ``[E, N, K]`` view of a grouped GEMM's ``[E, K, N]`` operand: the parameter itself when
+    ``b`` only transposed it for this GEMM, else ``b.transpose(-2, -1)``."""
+    if _is_swap_of_last_two(b) and len(b.users) == 1 and isinstance(b.args[0], fx.Node):
+        return b.args[0]
+    node = graph.call_method("transpose", (b, -2, -1))
+    tb = fake(b)
+    if tb is not None:
+        node.meta["example_value"] = tb.transpose(-2, -1)
+    return node
+
+
+def _rewrite(match: Match, form: str) -> None:
+    found = _resolve(match, form)
+    if found is None:
+        return
+    site, activation, alpha, limit = found
+    anchor = match.output_node()
+    graph = anchor.graph
+    traced = fake(anchor)
+    save_preact = not config.recompute and (traced is None or traced.requires_grad)
+    with graph.inserting_before(anchor):
+        weights = [_transposed(graph, w) for w in site.weights]
+        if site.layout is None:
+            args = (site.x, site.offs, *weights, None, None, activation, alpha, limit, save_preact)
+            op = graph.call_function(torch.ops.glu_fusion.grouped_swiglu.default, args)
+        else:
+            args = (site.x, site.offs, weights[0], None, site.layout, activation, alpha, limit, save_preact)
+            op = graph.call_function(torch.ops.glu_fusion.grouped_swiglu_packed.default, args)
+        out = graph.call_function(operator.getitem, (op, 0))
+    copy_meta(anchor, op, with_value=False)
+    copy_meta(anchor, out)
+    tx = fake(site.x)
+    REPORT.add(Rewrite(
+        family=NAME, spelling=site.spelling,
+        shapes=(f"x{shape_str(site.x)}", *(f"w{shape_str(w)}" for w in site.weights)),
+        dtype=str(tx.dtype).replace("torch.", "") if tx is not None else "?",
+        source=source_line(anchor), module=module_path(anchor)))
+    anchor.replace_all_uses_with(out)
+    match.nodes = site.nodes
+    match.erase_nodes()
+    for b in site.weights:   # a transpose only the grouped GEMM read is unused now
+        if _is_swap_of_last_two(b) and not b.users:
+            graph.erase_node(b)
+
+
+def register(pass_) -> None:
+    """Add the silu and gpt-oss anchors to an Inductor ``PatternMatcherPass``; the silu anchors
+    are the SwiGLU family's, tried with this family's check (grouped GEMMs, not linears)."""
+    for form, pattern in [*_anchor_patterns(), *_gptoss_anchor_patterns()]:
+        register_graph_pattern(pattern, extra_check=lambda m, f=form: _check(m, f),
+                               pass_dict=pass_)(lambda m, *a, f=form, **k: _rewrite(m, f))
+
+
+FAMILY = Family(NAME, register, (__file__,))

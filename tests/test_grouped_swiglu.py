@@ -1,0 +1,157 @@
+"""The grouped (expert) SwiGLU ops through the Triton interpreter (fp32/fp16) and the reference
+path: forward and every gradient against float64, on skewed routings and every weight storage."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from glu_fusion.ops import grouped_swiglu as ops
+from grouped_cases import FORMS, ROUTINGS, TOLERANCE, check_against_float64, make_problem, offsets_of
+
+# Triton's interpreter only runs when the suite has no GPU (conftest.py): then these tests run
+# the kernels; on a CUDA machine the CPU tensors take the reference path.
+interpreted = pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter tests run on CPU-only hosts")
+
+
+@pytest.fixture(autouse=True)
+def seed():
+    torch.manual_seed(1234)
+
+
+@interpreted
+@pytest.mark.parametrize("routing", sorted(ROUTINGS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_silu_routings(routing, dtype):
+    problem = make_problem(routing, k=24, n=20, dtype=dtype, bias=(routing == "padded_tail"))
+    check_against_float64(problem, TOLERANCE[dtype])
+
+
+@interpreted
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("activation", ["silu", "gptoss"])
+def test_weight_storages(form, activation):
+    problem = make_problem("hot_expert", k=20, n=18, dtype=torch.float32, form=form, bias=True,
+                           activation=activation)
+    check_against_float64(problem, TOLERANCE[torch.float32])
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gptoss_gate_clamps_both_halves(dtype):
+    problem = make_problem("uneven", k=32, n=16, dtype=dtype, form="transposed_interleaved", bias=True,
+                           activation="gptoss")
+    with torch.no_grad():
+        out = problem.run()
+    assert torch.isfinite(out).all()
+    check_against_float64(problem, TOLERANCE[dtype])
+
+
+@interpreted
+def test_no_tokens_at_all():
+    """T = 0, and T > 0 with every row in the padded tail: zeros, zero weight grads."""
+    for counts, tail in (([0, 0, 0], 0), ([0, 0], 7)):
+        problem = make_problem(None, k=16, n=16, dtype=torch.float32, bias=True, counts=counts, tail=tail)
+        out = problem.run()
+        assert out.shape == (tail, 16)
+        grads = torch.autograd.grad(out, problem.leaves, torch.randn_like(out))
+        assert all((g == 0).all() for g in grads)
+
+
+@interpreted
+def test_offsets_int64_and_recompute(monkeypatch):
+    """int64 offsets; with ``recompute`` the backward recomputes the pre-activations."""
+    import glu_fusion.config
+    monkeypatch.setattr(glu_fusion.config, "recompute", True)
+    problem = make_problem("uneven", k=16, n=16, dtype=torch.float32, form="concat", bias=True)
+    problem.offsets = problem.offsets.long()
+    check_against_float64(problem, TOLERANCE[torch.float32])
+
+
+@interpreted
+def test_only_some_inputs_need_grad():
+    problem = make_problem("padded_tail", k=16, n=16, dtype=torch.float32, bias=True)
+    problem.x.requires_grad_(False)
+    for b in problem.biases:
+        b.requires_grad_(False)
+    out = problem.run()
+    dwg, dwu = torch.autograd.grad(out, problem.weights, torch.randn_like(out))
+    assert torch.isfinite(dwg).all() and torch.isfinite(dwu).all()
+
+
+@interpreted
+def test_autocast_follows_region_dtype():
+    problem = make_problem("uneven", k=16, n=16, dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.float16):
+        out = problem.run()
+    assert out.dtype == torch.float16
+
+
+# --- reference path (no interpreter) ------------------------------------------------------------
+
+@pytest.fixture
+def reference_path(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+
+
+@pytest.mark.parametrize("activation", ["silu", "gptoss"])
+@pytest.mark.parametrize("form", ["separate", "transposed_interleaved"])
+def test_gradcheck_float64(reference_path, activation, form):
+    problem = make_problem("padded_tail", k=6, n=4, dtype=torch.float64, form=form, bias=True,
+                           activation=activation)
+    assert torch.autograd.gradcheck(lambda *leaves: problem.run(list(leaves)), problem.leaves)
+
+
+def test_reference_path_matches_float64(reference_path):
+    problem = make_problem("hot_expert", k=12, n=8, dtype=torch.float32, form="interleaved", bias=True,
+                           activation="gptoss")
+    check_against_float64(problem, TOLERANCE[torch.float32])
+
+
+def test_opcheck(reference_path):
+    x = torch.randn(9, 8)
+    offsets = offsets_of([2, 0, 5])
+    wg, wu = torch.randn(3, 6, 8), torch.randn(3, 6, 8)
+    bg, bu = torch.randn(3, 6), torch.randn(3, 6)
+    packed, pbias = torch.randn(3, 12, 8), torch.randn(3, 12)
+    for save in (True, False):
+        torch.library.opcheck(torch.ops.glu_fusion.grouped_swiglu.default,
+                              (x, offsets, wg, wu, bg, bu, "silu", 1.702, 7.0, save))
+        torch.library.opcheck(torch.ops.glu_fusion.grouped_swiglu_packed.default,
+                              (x, offsets, packed, pbias, 2, "gptoss", 1.702, 0.5, save))
+    dout, preact, dh = torch.randn(9, 6), torch.randn(9, 12), torch.randn(9, 12)
+    torch.library.opcheck(torch.ops.glu_fusion.grouped_swiglu_dh.default, (dout, preact, offsets, "gptoss", 1.702, 0.5))
+    torch.library.opcheck(torch.ops.glu_fusion.grouped_swiglu_dx.default, (dh, offsets, wg, wu))
+    for want_w, want_b in ((True, True), (True, False), (False, True)):
+        torch.library.opcheck(torch.ops.glu_fusion.grouped_swiglu_dw.default, (dh, x, offsets, 2, want_w, want_b))
+
+
+def test_compiled_with_dynamic_shapes_matches_eager(reference_path):
+    """The fake implementations hold under symbolic token counts (AOTAutograd traces them)."""
+    torch._dynamo.reset()
+    fn = torch.compile(ops.grouped_swiglu_api, backend="aot_eager", dynamic=True, fullgraph=True)
+    for counts, tail in (([3, 0, 4], 2), ([1, 9, 0], 0)):
+        problem = make_problem(None, k=8, n=8, dtype=torch.float32, bias=True, counts=counts, tail=tail)
+        args = (problem.x, problem.offsets, *problem.weights, *problem.biases)
+        out = fn(*args)
+        grads = torch.autograd.grad(out, problem.leaves, torch.ones_like(out))
+        want = problem.run()
+        want_grads = torch.autograd.grad(want, problem.leaves, torch.ones_like(want))
+        torch.testing.assert_close(out, want)
+        for g, w in zip(grads, want_grads):
+            torch.testing.assert_close(g, w)
+    torch._dynamo.reset()
+
+
+def test_bad_arguments(reference_path):
+    x = torch.randn(4, 8)
+    w = torch.randn(2, 4, 8)
+    with pytest.raises(ValueError, match="offsets"):
+        ops.grouped_swiglu_api(x, offsets_of([1, 1, 2]), w, w)
+    with pytest.raises(TypeError, match="int32 or int64"):
+        ops.grouped_swiglu_api(x, torch.tensor([1.0, 4.0]), w, w)
+    with pytest.raises(ValueError, match="activation"):
+        ops.grouped_swiglu_api(x, offsets_of([1, 3]), w, w, activation="gelu")
+    with pytest.raises(ValueError, match="K=8"):
+        ops.grouped_swiglu_api(torch.randn(4, 6), offsets_of([1, 3]), w, w)
+    with pytest.raises(ValueError, match="layout"):
+        ops.grouped_swiglu_packed_api(x, offsets_of([1, 3]), torch.randn(2, 8, 8), layout="zigzag")
