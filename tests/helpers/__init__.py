@@ -1,0 +1,1 @@
+"""Support code shared by several test files (not collected as tests)."""
