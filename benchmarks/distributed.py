@@ -178,7 +178,8 @@ def batch(args, rank: int, step: int, device) -> tuple[torch.Tensor, torch.Tenso
 def build(args, cfg: DemoConfig, backend: str, device):
     """The model, wrapped and compiled for ``backend``, from the same initial weights every time."""
     torch.manual_seed(args.seed)
-    model = TinyLlama(cfg).to(device)  # fp32 master weights; same seed on every rank
+    with torch.device(device):  # built in place: fp32 master weights, same seed on every rank
+        model = TinyLlama(cfg)
     compile_kw = None
     if backend == "inductor":
         compile_kw = {}
