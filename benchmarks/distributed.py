@@ -71,7 +71,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "on cuda, inductor,glu_fusion on cpu); the first compiled one is the reference")
     p.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default 3e-4; tiny 3e-3)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--timeout", type=int, default=600, help="collective timeout, seconds")
+    p.add_argument("--timeout", type=int, default=300,
+                   help="collective timeout, seconds (a rank that failed alone stops the others then)")
     p.add_argument("--no-profile", action="store_true", help="skip the profiled step that counts op calls")
     p.add_argument("--json", default=None)
     p.add_argument("--md", default=None)
