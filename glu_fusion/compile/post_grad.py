@@ -1,26 +1,43 @@
-"""``SavedPreactPass``: the compiled SwiGLU backward writes ``dH`` over the saved pre-activations.
+"""The post-grad passes, in the order Inductor runs them on the compiled forward and backward.
 
+``POST_GRAD_PASSES`` fixes that order: first ``SavedPreactPass`` (it looks for our ops by their
+own names), then ``GraphOpsPass`` (which renames them to their autograd-free twins).
+
+``SavedPreactPass``: the compiled SwiGLU backward writes ``dH`` over the saved pre-activations.
 The op's backward needs a ``[M, 2N]`` gradient ``dH`` next to the ``[M, 2N]`` pre-activations it
 saved, and reads those for nothing else.  Eager autograd must keep the saved tensor intact
 (``retain_graph`` may run the backward again), so ``swiglu_dh`` is functional.  A compiled
 backward knows more: AOTAutograd marks saved tensors that only the backward sees as *donated*
-(``bw_donated_idxs``) and refuses ``retain_graph`` for such a graph.  This post-grad pass turns
+(``bw_donated_idxs``) and refuses ``retain_graph`` for such a graph.  This pass turns
 ``swiglu_dh(dout, preact, 0)`` on a donated ``preact`` that nothing else reads into
 ``swiglu_dh_inplace(dout, preact)`` and lets every user of ``dH`` read ``preact``: one
 ``[M, 2N]`` buffer less at the backward's peak.  Graphs without donated buffers (the setting
 ``torch._functorch.config.donated_buffer`` off, compiled autograd) stay as they are.
+
+``GraphOpsPass``: compiled graphs call our ops' autograd-free twins.  A ``torch.library`` custom
+op called from Inductor's generated code still passes the op's Python autograd layer, which only
+finds that no autograd graph is wanted (AOTAutograd's runtime runs compiled graphs with grad mode
+off) and redispatches below autograd.  Nothing differentiates a graph once Inductor compiles it,
+so this pass points each call of a ``glu_fusion`` op at its twin ``<name>_nograd``
+(``ops.graph_twins``): same schema, implementation and fake implementation, autograd and
+autocast falling through.  Calls inside ``auto_functionalized`` are kept: Inductor rewrites those
+itself later.
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
-from . import __version__
-from .graph_pass import file_digest
+from .cache_key import pass_uuid
 
-__all__ = ["SavedPreactPass", "reuse_saved_preact"]
+__all__ = ["POST_GRAD_PASSES", "SavedPreactPass", "GraphOpsPass", "reuse_saved_preact", "use_graph_ops"]
+
+#: ``GLU_FUSION_GRAPH_OPS=0`` (a benchmark A/B switch, not a user setting): compiled code calls
+#: the ops themselves instead of their twins.  Anything but ``0`` keeps the default (on).
+_GRAPH_OPS: bool = os.environ.get("GLU_FUSION_GRAPH_OPS", "1").strip() != "0"
 
 
 def _donated_placeholder_idxs() -> Optional[frozenset]:
@@ -78,16 +95,48 @@ class SavedPreactPass(CustomGraphPass):
     """Inductor's ``post_grad_custom_post_pass`` running :func:`reuse_saved_preact`."""
 
     def __call__(self, graph: torch.fx.Graph) -> None:
-        from . import saved_preact  # looked up per call, so tests can observe it
-        saved_preact.reuse_saved_preact(graph)
+        from . import post_grad  # looked up per call, so tests can observe it
+        post_grad.reuse_saved_preact(graph)
 
     def uuid(self) -> str:
         """Source hash plus this compile's donated placeholders: Inductor's graph cache does not
         key on donation, and a backward compiled with it must never serve one without (a
         backward first run with ``retain_graph`` is compiled without donated buffers)."""
         donated = _donated_placeholder_idxs()
-        return (f"glu_fusion-saved-preact-{__version__}-{file_digest(__file__)}-"
-                f"{sorted(donated) if donated else None}")
+        return pass_uuid("saved-preact", [__file__], sorted(donated) if donated else None)
 
     def __repr__(self) -> str:
         return "SavedPreactPass()"
+
+
+def use_graph_ops(graph: torch.fx.Graph) -> int:
+    """Point every direct call of a ``glu_fusion`` op in ``graph`` at its twin; returns how many."""
+    from ..ops.graph_twins import GRAPH_TWINS
+    if not _GRAPH_OPS:
+        return 0
+    swapped = 0
+    for node in graph.nodes:
+        if node.op == "call_function":
+            twin = GRAPH_TWINS.get(node.target)
+            if twin is not None:
+                node.target = twin
+                swapped += 1
+    return swapped
+
+
+class GraphOpsPass(CustomGraphPass):
+    """Inductor's ``post_grad_custom_post_pass`` running :func:`use_graph_ops` (after
+    ``SavedPreactPass``, which looks for the ops by their own names)."""
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        use_graph_ops(graph)
+
+    def uuid(self) -> str:
+        return pass_uuid("graph-ops", [__file__], int(_GRAPH_OPS))
+
+    def __repr__(self) -> str:
+        return "GraphOpsPass()"
+
+
+#: The post-grad passes in the order they run in ``post_grad_custom_post_pass``.
+POST_GRAD_PASSES = (SavedPreactPass, GraphOpsPass)
