@@ -17,27 +17,18 @@ import json
 import sys
 
 import torch
-import torch.nn.functional as F
 
 import glu_fusion
-from _measure import bench, copy_bandwidth, environment, time_phases, write_results
+from _measure import EPS, bench, copy_bandwidth, eager_gated_norm, environment, time_phases, write_results
 
-from glu_fusion.ops.rms_norm_gated import rms_norm_gated_api
 
 DIMS = (128, 256, 1024)
 ROWS = (32, 4096, 131072, 524288)
 QUICK_ROWS = (4096, 524288)
-EPS = 1e-6
-
-
-def eager_gated_norm(x, z, w):
-    xf = x.float()
-    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + EPS) * w.float()
-    return (y * F.silu(z.float())).to(x.dtype)
 
 
 def ours(x, z, w):
-    return rms_norm_gated_api(x, z, w, EPS)
+    return glu_fusion.rms_norm_gated(x, z, w, EPS)
 
 
 def measure(d: int, rows: int, bandwidth: float, variants: dict) -> dict:

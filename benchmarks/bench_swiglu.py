@@ -16,10 +16,10 @@ import json
 import sys
 
 import torch
-import torch.nn.functional as F
 
 import glu_fusion
-from _measure import bench, copy_bandwidth, environment, time_phases, write_results
+from _measure import (GatedMLP, apply_switches, bench, copy_bandwidth, eager_swiglu, environment, time_phases,
+                      write_results)
 
 SHAPES = [(4096, 14336), (1024, 3072), (2048, 8192)]
 TOKENS = [1, 16, 128, 1024, 4096, 16384]
@@ -33,22 +33,6 @@ glu_fusion.config.rewrite_devices = ("cuda",)
 for _limit in ("cache_size_limit", "recompile_limit"):
     if hasattr(torch._dynamo.config, _limit):
         setattr(torch._dynamo.config, _limit, 64)
-
-
-def eager_swiglu(x, wg, wu):
-    return F.silu(F.linear(x, wg)) * F.linear(x, wu)
-
-
-class GatedMLP(torch.nn.Module):
-    """The two projections as parameters, as models hold them: CUDA graphs then treat the
-    weights as static instead of copying them into the graph's input buffers on every replay."""
-
-    def __init__(self, wg: torch.Tensor, wu: torch.Tensor) -> None:
-        super().__init__()
-        self.wg, self.wu = torch.nn.Parameter(wg), torch.nn.Parameter(wu)
-
-    def forward(self, x):
-        return eager_swiglu(x, self.wg, self.wu)
 
 
 DEFAULTS = {"backward": "gemm", "forward_tma": True, "recompute": False}
@@ -71,8 +55,7 @@ def measure_shape(k: int, n: int, m: int, bandwidth: float) -> dict:
     row["floor_fwdbwd_ms"] = row["floor_fwd_ms"] + bench(lambda: dh @ w_cat) + bench(lambda: dh.t() @ xd)
     row["weight_read_floor_ms"] = 2 * n * k * 2 / bandwidth * 1e3
     for name, (fn, settings) in variants.items():
-        for key, value in {**DEFAULTS, **settings}.items():
-            setattr(glu_fusion.config, key, value)
+        apply_switches({**DEFAULTS, **settings})
 
         def fwd():
             with torch.no_grad():
@@ -83,8 +66,7 @@ def measure_shape(k: int, n: int, m: int, bandwidth: float) -> dict:
             return torch.autograd.grad(out, (x, wg, wu), dout)
 
         row.update({f"{name}_{key}": value for key, value in time_phases(fwd, fwdbwd).items()})
-    for key, value in DEFAULTS.items():
-        setattr(glu_fusion.config, key, value)
+    apply_switches(DEFAULTS)
     return row
 
 
@@ -93,7 +75,7 @@ def ours_op(x, wg, wu):
 
 
 def make_variants(m: int, module: GatedMLP) -> dict:
-    """name -> (function of (x, wg, wu), glu_fusion.config settings while it compiles and runs).
+    """name -> (function of (x, wg, wu), switches (``_measure.apply_switches``) while it compiles and runs).
     Compiled variants compile the module, whose parameters are ``wg`` and ``wu``."""
     torch._dynamo.reset()
 

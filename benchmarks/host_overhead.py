@@ -15,45 +15,20 @@ from __future__ import annotations
 
 import cProfile
 import pstats
-import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import glu_fusion
-from glu_fusion import config
-from glu_fusion.report import REPORT
+from _measure import apply_switches, eager_gated_norm as norm_eager, eager_swiglu as swiglu_eager, per_call_us
+from glu_fusion.compile.report import REPORT
 from glu_fusion.kernels import swiglu_fwd
 from glu_fusion.ops import rms_norm_gated as norm_ops
 from glu_fusion.ops import swiglu as swiglu_ops
 
 DEV, DT = "cuda", torch.bfloat16
 ROWS, D, N = 16, 128, 256
-
-
-def per_call_us(fn, n: int = 1000, reps: int = 5) -> float:
-    """Best of ``reps`` runs of ``n`` calls: the host is shared, and the minimum is its cost."""
-    for _ in range(50):
-        fn()
-    torch.cuda.synchronize()
-    best = float("inf")
-    for _ in range(reps):
-        start = time.perf_counter()
-        for _ in range(n):
-            fn()
-        torch.cuda.synchronize()
-        best = min(best, (time.perf_counter() - start) / n * 1e6)
-    return best
-
-
-def norm_eager(x, z, w):
-    xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6) * w.float() * F.silu(z.float())).to(x.dtype)
-
-
-def swiglu_eager(x, wg, wu):
-    return F.silu(F.linear(x, wg)) * F.linear(x, wu)
 
 
 class NormModule(nn.Module):
@@ -94,11 +69,11 @@ def layers() -> None:
 
     def general(fn):
         def call():
-            config.cached_launch = False
+            apply_switches({"cached_launch": False})
             try:
                 return fn()
             finally:
-                config.cached_launch = True
+                apply_switches({"cached_launch": True})
         return call
 
     rows = {
@@ -142,7 +117,7 @@ def ops_against_eager() -> None:
     }
     print("\n--- ops against their eager spellings, us per call")
     for cached in (True, False):
-        config.cached_launch = cached
+        apply_switches({"cached_launch": cached})
         for name, (fwd, leaves, grad) in cases.items():
             if "eager" in name and not cached:
                 continue
@@ -151,7 +126,7 @@ def ops_against_eager() -> None:
             fb_us = per_call_us(lambda: torch.autograd.grad(fwd(), leaves, grad))
             label = name + ("" if "eager" in name else (" plans" if cached else " general"))
             print(f"{label:22s} fwd {f_us:7.1f}   fwd+bwd {fb_us:7.1f}")
-    config.cached_launch = True
+    apply_switches({"cached_launch": True})
 
 
 def compiled() -> None:

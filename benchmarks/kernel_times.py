@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 import glu_fusion
-from glu_fusion.report import REPORT
+from glu_fusion.compile.report import REPORT
 
 DT = torch.bfloat16
 

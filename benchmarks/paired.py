@@ -9,7 +9,7 @@ slows both sides of a round alike; the median ratio over the rounds and its quar
 comparison.  Times are wall clock per call, what a caller waits: host or GPU, whichever is slower.
 
 Variants: ``inductor`` (``torch.compile`` default), ``ours`` (our backend), ``ours_ops`` (our
-backend with ``config.graph_ops`` off: compiled code calls the ops themselves), and for up to
+backend with the ``graph_ops`` switch off: compiled code calls the ops themselves), and for up to
 1024 tokens both sides with CUDA graphs (``_cg``).
 
     python benchmarks/paired.py --json out.json --md out.md
@@ -21,14 +21,11 @@ import functools
 import json
 import statistics
 import sys
-import time
 
 import torch
 
 import glu_fusion
-from _measure import environment, write_results
-from bench_rms_norm_gated import eager_gated_norm
-from bench_swiglu import GatedMLP
+from _measure import GatedMLP, apply_switches, eager_gated_norm, environment, host_ms_per_call, write_results
 
 SWIGLU_CASES = [(1024, 3072, m) for m in (1, 16, 128, 1024, 4096)] + [(4096, 14336, 1), (4096, 14336, 16)]
 NORM_CASES = [(128, 32), (128, 4096), (128, 131072)]
@@ -45,13 +42,7 @@ def paired_times(fns: dict, block: int = BLOCK, rounds: int = ROUNDS) -> dict:
     times = {n: [] for n in names}
     for r in range(rounds):
         for n in names[r % len(names):] + names[:r % len(names)]:
-            fn = fns[n]
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            for _ in range(block):
-                fn()
-            torch.cuda.synchronize()
-            times[n].append((time.perf_counter() - start) / block * 1e3)
+            times[n].append(host_ms_per_call(fns[n], block))
     return times
 
 
@@ -73,14 +64,11 @@ def compiled(module, settings: dict, **options):
     fn = torch.compile(module, dynamic=False, **options)
 
     def call(*args):
-        saved = {k: getattr(glu_fusion.config, k) for k in settings}
+        saved = apply_switches(settings)
         try:
-            for k, v in settings.items():
-                setattr(glu_fusion.config, k, v)
             return fn(*args)
         finally:
-            for k, v in saved.items():
-                setattr(glu_fusion.config, k, v)
+            apply_switches(saved)
     return call
 
 

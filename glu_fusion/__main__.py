@@ -19,8 +19,8 @@ from typing import Any, Optional, Sequence
 import torch
 
 from . import config, demo
-from .backend import backend
-from .report import REPORT
+from .compile.backend import backend
+from .compile.report import REPORT
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -55,10 +55,6 @@ def swiglu_grad_preact(dout: Tensor, g: Tensor, u: Tensor) -> tuple[Tensor, Tens
 # Gated RMSNorm: y = rmsnorm(x)·w·act(z)  or  rmsnorm(x·act(z))·w, per group of the last dim
 # ---------------------------------------------------------------------------------------------
 
-GATE_ACTIVATIONS = ("silu", "sigmoid")
-DOWNCASTS = ("none", "before_weight", "after_weight")
-
-
 def _groups(t: Tensor, group_size: Optional[int]) -> Tensor:
     d = t.shape[-1]
     n = group_size or d

@@ -1,9 +1,19 @@
-"""Pattern families the pass applies, in order (installed as ``glu_fusion.patterns``).
+"""Pattern families the pass applies, in order.
+
+Where it lives: this folder sits at the top of the repository and is installed as the
+subpackage ``glu_fusion.patterns`` (``[tool.setuptools.package-dir]`` in pyproject.toml), so that
+the spellings we match are one folder a reader finds first.  Import it as
+``glu_fusion.patterns``, never as ``patterns``.
+
+What it may import, one way only: the package's settings (``glu_fusion.config``), the op
+argument codes (``glu_fusion.layouts``) and the rewrite report (``glu_fusion.compile.report``,
+a leaf module); the replacements call our ops by name (``torch.ops.glu_fusion.*``).  It imports
+no op implementation and no kernel; modules inside it import each other relatively.
 
 Each family is a module exposing ``FAMILY`` (a :class:`~glu_fusion.patterns._common.Family`):
 its report name, a ``register(pass_)`` that adds its patterns to the pass's Inductor
 ``PatternMatcherPass`` (called once per process), and its source files (part of the pass's
-cache key).  Its handlers record each rewrite with ``glu_fusion.report.REPORT.add(Rewrite(
+cache key).  Its handlers record each rewrite with ``glu_fusion.compile.report.REPORT.add(Rewrite(
 family=<name>, ...))``; ``_common`` has the shared safety checks.
 
 Adding a family is one line: import its module and append its ``FAMILY`` to ``FAMILIES``.

@@ -192,7 +192,7 @@ def site_resolves(resolve: Callable, match: object, kind: str, family: str) -> b
     """The matcher's extra check for a family: does ``resolve(match, kind)`` find a rewritable
     site?  A surprise in the user's graph means "do not rewrite", with a warning, never a
     failed compile."""
-    from glu_fusion.report import log
+    from glu_fusion.compile.report import log
 
     try:
         return resolve(match, kind) is not None

@@ -29,7 +29,7 @@ from torch import fx
 from torch._inductor.pattern_matcher import CallFunction, CallMethod, KeywordArg, Match, register_graph_pattern
 
 from glu_fusion import config
-from glu_fusion.report import REPORT, Rewrite
+from glu_fusion.compile.report import REPORT, Rewrite
 
 from ._common import (Family, common_tensor_kind, copy_meta, declared_kwargs_only, fake, module_path,
                       ordered_pure_span, same_shape, same_size, shape_str, site_resolves, source_line)

@@ -28,7 +28,7 @@ from torch import fx
 from torch._inductor.pattern_matcher import CallFunction, CallMethod, KeywordArg, Match, register_graph_pattern
 
 from glu_fusion import config
-from glu_fusion.report import REPORT, Rewrite
+from glu_fusion.compile.report import REPORT, Rewrite
 
 from ._common import (REWRITE_DTYPES, Family, copy_meta, fake, ordered_pure_span, same_size, shape_str,
                       site_resolves, source_line)

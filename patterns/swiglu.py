@@ -29,9 +29,9 @@ from torch._inductor.pattern_matcher import (MULTIPLE, CallFunction, CallMethod,
                                              register_graph_pattern)
 
 from glu_fusion import config
-from glu_fusion.ops.swiglu import (CONCAT_GATE_FIRST, CONCAT_UP_FIRST, INTERLEAVED_GATE_EVEN,
-                                   INTERLEAVED_UP_EVEN)
-from glu_fusion.report import REPORT, Rewrite
+from glu_fusion.layouts import (CONCAT_GATE_FIRST, CONCAT_UP_FIRST, INTERLEAVED_GATE_EVEN,
+                               INTERLEAVED_UP_EVEN)
+from glu_fusion.compile.report import REPORT, Rewrite
 
 from ._common import (Family, common_tensor_kind, copy_meta, declared_kwargs_only, fake, module_path,
                       ordered_pure_span, same_shape, same_size, shape_str, site_resolves, source_line)

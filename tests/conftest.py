@@ -20,7 +20,7 @@ os.environ.setdefault("TORCHINDUCTOR_FORCE_DISABLE_CACHES", "1")
 import pytest  # noqa: E402
 
 import glu_fusion
-from glu_fusion.report import REPORT
+from glu_fusion.compile.report import REPORT
 
 
 @pytest.fixture

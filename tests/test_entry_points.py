@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import glu_fusion
-from glu_fusion import _autoload
+from glu_fusion.compile import autoload as _autoload
 
 
 class MLP(nn.Module):
@@ -88,27 +88,36 @@ def test_environment_switch_with_plain_torch_compile(flag, rewrites):
 
 
 def test_autoload_never_raises(monkeypatch):
-    backend_module = sys.modules["glu_fusion.backend"]  # the attribute is the function
+    from glu_fusion.compile import backend as backend_module
 
     def broken(*_):
         raise RuntimeError("boom")
 
     monkeypatch.setattr(backend_module, "install", broken)
-    monkeypatch.setenv("GLU_FUSION", "1")
+    monkeypatch.setattr(glu_fusion.config, "enabled", True)
+    monkeypatch.setattr(glu_fusion.config, "env_errors", ())
     _autoload.autoload()  # Inductor's config is already imported here: installs at once, fails, logs
     _autoload._install_into(object())
 
 
-@pytest.mark.parametrize("value", [None, "", "0", "false", "off"])
+@pytest.mark.parametrize("value", [False, "", "0", "false", "off"])
 def test_autoload_is_inert_without_a_true_value(value, monkeypatch):
-    if value is None:
-        monkeypatch.delenv("GLU_FUSION", raising=False)
-    else:
-        monkeypatch.setenv("GLU_FUSION", value)
+    monkeypatch.setattr(glu_fusion.config, "enabled", value)
     monkeypatch.setattr(_autoload, "_install_into", lambda module: pytest.fail("installed"))
     before = list(sys.meta_path)
     _autoload.autoload()
     assert sys.meta_path == before
+
+
+def test_autoload_stays_off_when_a_setting_was_rejected(monkeypatch, caplog):
+    monkeypatch.setattr(glu_fusion.config, "enabled", True)
+    monkeypatch.setattr(glu_fusion.config, "env_errors", ("glu_fusion: GLU_FUSION_DEVICES must name ...",))
+    monkeypatch.setattr(_autoload, "_install_into", lambda module: pytest.fail("installed"))
+    before = list(sys.meta_path)
+    with caplog.at_level("WARNING", logger="glu_fusion"):
+        _autoload.autoload()
+    assert sys.meta_path == before
+    assert "the pass stays off" in caplog.text
 
 
 def test_import_hook_installs_when_the_config_module_loads(monkeypatch):

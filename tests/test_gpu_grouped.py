@@ -12,7 +12,7 @@ import torch
 
 from glu_fusion import grouped_reference
 from glu_fusion.weight_grad_store import WeightGradStore
-from grouped_cases import TOLERANCE, check_against_float64, make_problem, offsets_of, rel_error
+from helpers.grouped_cases import TOLERANCE, check_against_float64, make_problem, offsets_of, rel_error
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

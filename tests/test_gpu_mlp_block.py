@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from swiglu_cases import TOLERANCE, make_problem, rel_error
+from helpers.swiglu_cases import TOLERANCE, make_problem, rel_error
 
 import glu_fusion
-from glu_fusion.ops.swiglu import LAYOUTS
+from glu_fusion.layouts import LAYOUTS
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from glu_fusion import reference
-from glu_fusion.ops.rms_norm_gated import rms_norm_gated_api
+from glu_fusion.functional import rms_norm_gated as rms_norm_gated_api
 
-from test_rms_norm_gated_cases import EPS, TOLERANCE, fp32_weight_gate, gated_before_norm_hf, hf_qwen3_next
+from helpers.norm_cases import EPS, TOLERANCE, fp32_weight_gate, gated_before_norm_hf, hf_qwen3_next
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from swiglu_cases import TOLERANCE, make_problem, rel_error
+from helpers.swiglu_cases import TOLERANCE, make_problem, rel_error
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -78,10 +78,9 @@ def test_against_float64_and_eager(layout, m, kn, dtype, bias):
 def test_training_forward_paths_agree(forward, monkeypatch):
     """The training forward through cuBLAS + gate (auto, threshold lowered to take it) and
     through the fused TMA kernel: both within the bf16 bound of float64, forward and gradients."""
-    from glu_fusion import config
     from glu_fusion.ops import swiglu as swiglu_ops
 
-    monkeypatch.setattr(config, "forward", forward)
+    monkeypatch.setattr(swiglu_ops, "_FORWARD", forward)
     monkeypatch.setattr(swiglu_ops, "_CUBLAS_MIN_TOKENS", 1)
     monkeypatch.setattr(swiglu_ops, "_FORWARD_PLANS", swiglu_ops.PlanCache(swiglu_ops._build_forward_plan))
     torch.manual_seed(7)

@@ -11,9 +11,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import glu_fusion
-from glu_fusion.graph_ops import GraphOpsPass, use_graph_ops
-from glu_fusion.ops._common import GRAPH_TWINS
-from test_saved_preact import Packed, TwoWeights
+from glu_fusion.compile import post_grad
+from glu_fusion.compile.post_grad import GraphOpsPass, use_graph_ops
+from glu_fusion.ops.graph_twins import GRAPH_TWINS
+from helpers.models import Packed, TwoWeights
 
 OPS = torch.ops.glu_fusion
 
@@ -78,7 +79,7 @@ def test_compiled_packed_and_norm_call_twins(cpu_rewrites):
 
 
 def test_setting_off_keeps_the_ops(cpu_rewrites, monkeypatch):
-    monkeypatch.setattr(glu_fusion.config, "graph_ops", False)
+    monkeypatch.setattr(post_grad, "_GRAPH_OPS", False)
     x = torch.randn(2, 5, 16, requires_grad=True)
     codes, got, ref = _run(TwoWeights(), [x])
     assert [_compiled_calls(c) for c in codes] == [["swiglu"], ["swiglu_dh_inplace"]]
@@ -112,7 +113,7 @@ def test_swaps_direct_calls_only():
 
 def test_uuid_follows_the_setting(monkeypatch):
     on = GraphOpsPass().uuid()
-    monkeypatch.setattr(glu_fusion.config, "graph_ops", False)
+    monkeypatch.setattr(post_grad, "_GRAPH_OPS", False)
     assert GraphOpsPass().uuid() != on
 
 

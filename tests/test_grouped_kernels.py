@@ -9,7 +9,7 @@ from glu_fusion import grouped_reference as ref
 from glu_fusion.kernels.grouped_gate import grouped_gate_grad
 from glu_fusion.kernels.grouped_gemm import (grouped_input_grad, grouped_swiglu_forward,
                                              grouped_weight_grad, work_list)
-from grouped_cases import offsets_of
+from helpers.grouped_cases import offsets_of
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter tests run on CPU-only hosts")
 

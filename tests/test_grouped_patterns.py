@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 import glu_fusion
 import glu_fusion.ops  # noqa: F401  (registers the ops named below)
-from glu_fusion.graph_pass import GluPass
+from glu_fusion.compile.pre_grad import GluPass
 
 pytestmark = pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="needs torch._grouped_mm")
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from glu_fusion.weight_grad_store import WeightGradStore
-from grouped_cases import make_problem
+from helpers.grouped_cases import make_problem
 
 
 @pytest.fixture(autouse=True)
@@ -79,7 +79,7 @@ def test_weights_that_are_not_leaves_get_grads_at_once():
     """A weight computed from a parameter (not a view of one) cannot be filled by a flush."""
     problem = make_problem("uneven", k=16, n=16, dtype=torch.float32)
     scale = torch.tensor(2.0, requires_grad=True)
-    from glu_fusion.ops.grouped_swiglu import grouped_swiglu_api
+    from glu_fusion.functional import grouped_swiglu as grouped_swiglu_api
     store = WeightGradStore()
     with store:
         out = grouped_swiglu_api(problem.x, problem.offsets, problem.weights[0] * scale, problem.weights[1])

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from glu_fusion import functional
 from glu_fusion.ops import grouped_swiglu as ops
-from grouped_cases import FORMS, ROUTINGS, TOLERANCE, check_against_float64, make_problem, offsets_of
+from helpers.grouped_cases import FORMS, ROUTINGS, TOLERANCE, check_against_float64, make_problem, offsets_of
 
 # Triton's interpreter only runs when the suite has no GPU (conftest.py): then these tests run
 # the kernels; on a CUDA machine the CPU tensors take the reference path.
@@ -128,7 +129,7 @@ def test_opcheck(reference_path):
 def test_compiled_with_dynamic_shapes_matches_eager(reference_path):
     """The fake implementations hold under symbolic token counts (AOTAutograd traces them)."""
     torch._dynamo.reset()
-    fn = torch.compile(ops.grouped_swiglu_api, backend="aot_eager", dynamic=True, fullgraph=True)
+    fn = torch.compile(functional.grouped_swiglu, backend="aot_eager", dynamic=True, fullgraph=True)
     for counts, tail in (([3, 0, 4], 2), ([1, 9, 0], 0)):
         problem = make_problem(None, k=8, n=8, dtype=torch.float32, bias=True, counts=counts, tail=tail)
         args = (problem.x, problem.offsets, *problem.weights, *problem.biases)
@@ -146,12 +147,12 @@ def test_bad_arguments(reference_path):
     x = torch.randn(4, 8)
     w = torch.randn(2, 4, 8)
     with pytest.raises(ValueError, match="offsets"):
-        ops.grouped_swiglu_api(x, offsets_of([1, 1, 2]), w, w)
+        functional.grouped_swiglu(x, offsets_of([1, 1, 2]), w, w)
     with pytest.raises(TypeError, match="int32 or int64"):
-        ops.grouped_swiglu_api(x, torch.tensor([1.0, 4.0]), w, w)
+        functional.grouped_swiglu(x, torch.tensor([1.0, 4.0]), w, w)
     with pytest.raises(ValueError, match="activation"):
-        ops.grouped_swiglu_api(x, offsets_of([1, 3]), w, w, activation="gelu")
+        functional.grouped_swiglu(x, offsets_of([1, 3]), w, w, activation="gelu")
     with pytest.raises(ValueError, match="K=8"):
-        ops.grouped_swiglu_api(torch.randn(4, 6), offsets_of([1, 3]), w, w)
+        functional.grouped_swiglu(torch.randn(4, 6), offsets_of([1, 3]), w, w)
     with pytest.raises(ValueError, match="layout"):
         ops.grouped_swiglu_packed_api(x, offsets_of([1, 3]), torch.randn(2, 8, 8), layout="zigzag")

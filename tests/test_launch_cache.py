@@ -13,9 +13,8 @@ import pytest
 import torch
 
 import glu_fusion
-from glu_fusion import config
 from glu_fusion.kernels._launch import LaunchPlan, _hook_active, constexpr_tail
-from glu_fusion.ops import _common
+from glu_fusion.ops import dispatch, plan_cache
 from glu_fusion.ops import rms_norm_gated as norm_ops
 from glu_fusion.ops import swiglu as swiglu_ops
 
@@ -29,7 +28,7 @@ def test_plan_cache_builds_once_per_key_and_never_caches_errors():
             raise ValueError("bad input")
         return None if value == 0 else value * 10
 
-    cache = _common.PlanCache(build, limit=3)
+    cache = plan_cache.PlanCache(build, limit=3)
     assert cache.get("a", 1) == 10 and cache.get("a", 1) == 10
     assert cache.get("zero", 0) is None and cache.get("zero", 0) is None
     assert built == [1, 0]
@@ -78,13 +77,17 @@ def test_plan_takes_the_ordinary_path_without_a_binary():
 
 
 def _launch_plans(cache):
-    """The Triton launch plans inside an op's cached plans (cuBLAS-only plans have none)."""
-    plans = (getattr(plan, "launch", None) for plan in cache._plans.values() if plan is not None)
-    return [launch for launch in plans if launch is not None]
+    """The Triton launch plans an op's cached plans call (cuBLAS-only plans have none)."""
+    found = []
+    for plan in cache._plans.values():
+        for cell in getattr(plan, "__closure__", None) or ():
+            if isinstance(cell.cell_contents, LaunchPlan):
+                found.append(cell.cell_contents)
+    return found
 
 
 _GPU = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
-_INTERPRETER = pytest.mark.skipif(not _common.interpreter_active(), reason="CPU kernels need the interpreter")
+_INTERPRETER = pytest.mark.skipif(not dispatch.interpreter_active(), reason="CPU kernels need the interpreter")
 PLAN_CASES = [pytest.param(op, device, dtype, marks=_GPU if device == "cuda" else _INTERPRETER,
                            id=f"{op}-{device}-{str(dtype)[6:]}")
               for op in ("swiglu", "swiglu_packed", "norm")
@@ -120,12 +123,12 @@ def test_plans_match_the_general_path(op, device, dtype):
         dout = torch.randn(out_shape, device=device, dtype=dtype)
         results = []
         for cached in (False, True):
-            config.cached_launch = cached
+            plan_cache.set_cached_launch(cached)
             try:
                 out = fn(*leaves)
                 results.append([out, *torch.autograd.grad(out, leaves, dout)])
             finally:
-                config.cached_launch = True
+                plan_cache.set_cached_launch(True)
         for general, planned in zip(*results):
             torch.testing.assert_close(planned, general, rtol=0, atol=0)
     caches = ([swiglu_ops._FORWARD_PLANS, swiglu_ops._DH_PLANS] if op != "norm"

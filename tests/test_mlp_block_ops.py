@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from swiglu_cases import ALL_LAYOUTS, TOLERANCE, make_problem, rel_error
+from helpers.swiglu_cases import ALL_LAYOUTS, TOLERANCE, make_problem, rel_error
 
 import glu_fusion.ops  # noqa: F401  (registers the ops)
-from glu_fusion.ops.swiglu import LAYOUTS
+from glu_fusion.layouts import LAYOUTS
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(),
                                 reason="CUDA present: the GPU tests run the block op compiled")

@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 
 import glu_fusion
-from glu_fusion.graph_pass import GluPass
+from glu_fusion.compile.pre_grad import GluPass
 
-from test_rms_norm_gated_cases import EPS, SPELLINGS
+from helpers.norm_cases import EPS, SPELLINGS
 
 OP = torch.ops.glu_fusion.rms_norm_gated.default
 D = 64
@@ -133,7 +133,7 @@ def test_look_alikes_left_alone(fn, cpu_rewrites, dynamo_graph):
 def test_dynamic_batch_is_rewritten(cpu_rewrites):
     """torch.compile's automatic dynamic shapes (a second batch size recompiles with a symbolic
     batch) and mark_dynamic both keep the rewrite; outputs match eager."""
-    from test_pass_snapshots import GatedNormQwen3Next
+    from helpers.models import GatedNormQwen3Next
 
     model = GatedNormQwen3Next()
     compiled = torch.compile(model, backend=glu_fusion.backend)

@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import glu_fusion
-from glu_fusion.graph_pass import GluPass
+from glu_fusion.compile.pre_grad import GluPass
 
 K, N = 16, 24
 

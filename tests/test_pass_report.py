@@ -8,9 +8,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import glu_fusion
-from glu_fusion.graph_pass import GluPass
+from glu_fusion.compile.pre_grad import GluPass
 from glu_fusion.patterns import swiglu as swiglu_family
-from glu_fusion.report import Report, Rewrite
+from glu_fusion.compile.report import Report, Rewrite
 
 
 class MLP(nn.Module):

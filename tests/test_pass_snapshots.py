@@ -7,7 +7,6 @@ Regenerate with ``EXPECTTEST_ACCEPT=1 python -m pytest tests/test_pass_snapshots
 """
 from __future__ import annotations
 
-import operator
 
 import expecttest
 import pytest
@@ -18,65 +17,10 @@ from torch._dynamo.backends.common import aot_autograd
 from torch._functorch.aot_autograd import make_boxed_func
 
 import glu_fusion
-from glu_fusion.graph_pass import GluPass
-from glu_fusion.report import REPORT
-
-
-def _name(node: torch.fx.Node) -> str:
-    if node.op in ("placeholder", "get_attr"):
-        return "in"
-    if node.op == "call_method":
-        return "." + node.target
-    target = node.target
-    if isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
-        return str(target)
-    name = getattr(target, "__name__", str(target))
-    return "auto_functionalized" if name.startswith("auto_functionalized") else name
-
-
-def _arg(a, keep_ints: bool) -> str:
-    if isinstance(a, torch.fx.Node):
-        return _name(a)
-    if isinstance(a, (list, tuple)):
-        inner = ", ".join(_arg(x, keep_ints) for x in a)
-        return f"[{inner}]" if isinstance(a, list) else f"({inner})"
-    if isinstance(a, torch.dtype):
-        return str(a).replace("torch.", "")
-    if isinstance(a, int) and not isinstance(a, bool) and not keep_ints:
-        return "#"  # a size or an index: differs with shapes and torch versions
-    return repr(a)
-
-
-def _functionalized_call(node: torch.fx.Node) -> str:
-    """``auto_functionalized(op, arg=..., mutated=base)``: the same text for v1 and v2 of
-    torch's wrapper of a mutating op (v2 passes mutated tensors as bases and indices)."""
-    op, kwargs = node.args[0], dict(node.kwargs)
-    bases = kwargs.pop("_all_bases", None)
-    named = []
-    for key, value in kwargs.items():
-        if key.startswith("_") and key.endswith("_base_index"):
-            named.append(f"{key[1:-len('_base_index')]}={_arg(bases[value], False)}")
-        elif not key.startswith("_"):
-            named.append(f"{key}={_arg(value, False)}")
-    return f"auto_functionalized({op}, {', '.join(sorted(named))})"
-
-
-def render(graph: torch.fx.Graph) -> str:
-    lines = []
-    for node in graph.nodes:
-        if node.op in ("placeholder", "get_attr"):
-            continue
-        if getattr(node.target, "__name__", "").startswith("auto_functionalized"):
-            lines.append(_functionalized_call(node))
-            continue
-        keep = (node.op != "call_function" or node.target is operator.getitem
-                or str(node.target).startswith("glu_fusion."))
-        args = [_arg(a, keep) for a in node.args] + [f"{k}={_arg(v, keep)}" for k, v in node.kwargs.items()]
-        if node.op == "output":
-            lines.append(f"return {', '.join(args)}")
-        else:
-            lines.append(f"{_name(node)}({', '.join(args)})")
-    return "\n".join(lines)
+from glu_fusion.compile.pre_grad import GluPass
+from glu_fusion.compile.report import REPORT
+from helpers.graphs import render
+from helpers.models import GatedNormQwen3Next
 
 
 class Captured:
@@ -278,26 +222,6 @@ gelu(getitem)
 mul(gelu, getitem)
 return (mul)""")
         assert REPORT.total == 0
-
-
-class GatedNormQwen3Next(nn.Module):
-    """The gated RMSNorm of a gated delta-net layer, written as HF Qwen3-Next writes it:
-    normalise in fp32, downcast, weight in the input dtype, gate in fp32."""
-
-    def __init__(self, d=16, eps=1e-6):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(d))
-        self.variance_epsilon = eps
-
-    def forward(self, x):
-        hidden_states, gate = x.chunk(2, -1)
-        input_dtype = hidden_states.dtype
-        hidden_states = hidden_states.to(torch.float32)
-        variance = hidden_states.pow(2).mean(-1, keepdim=True)
-        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
-        hidden_states = self.weight * hidden_states.to(input_dtype)
-        hidden_states = hidden_states * F.silu(gate.to(torch.float32))
-        return hidden_states.to(input_dtype)
 
 
 class L2NormGate(nn.Module):

@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import glu_fusion
-from glu_fusion.graph_pass import GluPass
+from glu_fusion.compile.pre_grad import GluPass
 
 K, N = 16, 24
 OPS = {torch.ops.glu_fusion.swiglu.default: "swiglu",

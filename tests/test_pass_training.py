@@ -13,7 +13,8 @@ from torch.utils.checkpoint import checkpoint
 
 import glu_fusion
 from glu_fusion import demo
-from glu_fusion.graph_pass import ChainedPass, GluPass, with_glu_pass, without_glu_pass
+from glu_fusion.compile.passes import ChainedPass, with_pass, without_pass
+from glu_fusion.compile.pre_grad import GluPass
 
 K, N = 16, 40
 
@@ -175,16 +176,16 @@ def test_backend_chains_the_users_pre_grad_pass(cpu_rewrites):
 
 def test_chaining_rules():
     user, other = CountingPass(), CountingPass(with_uuid=False)
-    assert isinstance(with_glu_pass(None), GluPass)
-    chained = with_glu_pass(user)
+    assert isinstance(with_pass(None, GluPass), GluPass)
+    chained = with_pass(user, GluPass)
     assert isinstance(chained, ChainedPass) and chained.passes[0] is user
     assert isinstance(chained.passes[1], GluPass)
-    assert with_glu_pass(chained) is chained                       # never twice
-    assert with_glu_pass([user, other]).passes[:2] == (user, other)  # list form of torch >= 2.13
+    assert with_pass(chained, GluPass) is chained                       # never twice
+    assert with_pass([user, other], GluPass).passes[:2] == (user, other)  # list form of torch >= 2.13
     assert chained.uuid() is not None
-    assert with_glu_pass(other).uuid() is None                     # unknown pass: no caching
-    assert without_glu_pass(chained) is user
-    assert without_glu_pass(GluPass()) is None
+    assert with_pass(other, GluPass).uuid() is None                     # unknown pass: no caching
+    assert without_pass(chained, GluPass) is user
+    assert without_pass(GluPass(), GluPass) is None
 
 
 def test_enable_and_disable_keep_the_users_pass(cpu_rewrites):

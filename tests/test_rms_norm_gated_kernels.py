@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from glu_fusion import reference
-from glu_fusion.ops.rms_norm_gated import rms_norm_gated_api
+from glu_fusion.functional import rms_norm_gated as rms_norm_gated_api
 
-from test_rms_norm_gated_cases import (EPS, SPELLINGS, TOLERANCE, all_flag_sets, check_against_float64,
+from helpers.norm_cases import (EPS, SPELLINGS, TOLERANCE, all_flag_sets, check_against_float64,
                                        flag_id, make_inputs, op_kwargs, ulps)
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(),

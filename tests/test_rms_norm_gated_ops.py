@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from glu_fusion.ops.rms_norm_gated import rms_norm_gated_api
+from glu_fusion.functional import rms_norm_gated as rms_norm_gated_api
 
-from test_rms_norm_gated_cases import (EPS, SPELLINGS, TOLERANCE, all_flag_sets, check_against_float64,
+from helpers.norm_cases import (EPS, SPELLINGS, TOLERANCE, all_flag_sets, check_against_float64,
                                        flag_id, make_inputs, op_kwargs)
 
 OP = torch.ops.glu_fusion.rms_norm_gated.default
@@ -33,7 +33,7 @@ def test_reference_equals_eager_spelling_bitwise(spelling, dtype):
 
 def test_fp32_weight_with_bf16_input_follows_type_promotion():
     """HF spelling with an fp32 master weight: the weight product stays fp32 (no rounding)."""
-    from test_rms_norm_gated_cases import hf_qwen3_next
+    from helpers.norm_cases import hf_qwen3_next
     x, z = torch.randn(4, 32).bfloat16(), torch.randn(4, 32).bfloat16()
     w = torch.randn(32)
     got = rms_norm_gated_api(x, z, w, EPS, downcast="before_weight")

@@ -8,13 +8,12 @@ import re
 import expecttest
 import pytest
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 import glu_fusion
-from glu_fusion import saved_preact
-from glu_fusion.saved_preact import reuse_saved_preact
-from test_pass_snapshots import render as render_snapshot
+from glu_fusion.compile import post_grad as saved_preact
+from glu_fusion.compile.post_grad import reuse_saved_preact
+from helpers.graphs import render as render_snapshot
+from helpers.models import Packed, TwoWeights
 
 # Post-grad graphs spell views and transposes differently across torch versions.
 _SPELLINGS = {"aten.reshape.default": "view", "aten.view.default": "view", "aten._unsafe_view.default": "view",
@@ -26,28 +25,6 @@ def render(graph: torch.fx.Graph) -> str:
     for spelling, common in _SPELLINGS.items():
         text = text.replace(spelling, common)
     return re.sub(r"\bt\(([^,()]+), \[#, #\]\)", r"t(\1)", text)  # permute's dims
-
-
-class Packed(nn.Module):
-    def __init__(self, k=16, n=24, interleaved=False):
-        super().__init__()
-        self.fc = nn.Linear(k, 2 * n)
-        self.interleaved = interleaved
-
-    def forward(self, x):
-        y = self.fc(x)
-        g, u = (y[..., ::2], y[..., 1::2]) if self.interleaved else y.chunk(2, -1)
-        return F.silu(g) * u
-
-
-class TwoWeights(nn.Module):
-    def __init__(self, k=16, n=24):
-        super().__init__()
-        self.w1 = nn.Linear(k, n, bias=False)
-        self.w3 = nn.Linear(k, n, bias=False)
-
-    def forward(self, x):
-        return F.silu(self.w1(x)) * self.w3(x)
 
 
 @pytest.fixture
@@ -195,7 +172,7 @@ def test_retain_graph_without_donated_buffers_is_exact(cpu_rewrites, monkeypatch
 
 
 def test_uuid_keys_on_donation(monkeypatch):
-    from glu_fusion.saved_preact import SavedPreactPass
+    from glu_fusion.compile.post_grad import SavedPreactPass
     monkeypatch.setattr(saved_preact, "_donated_placeholder_idxs", lambda: frozenset({3, 1}))
     donated = SavedPreactPass().uuid()
     monkeypatch.setattr(saved_preact, "_donated_placeholder_idxs", lambda: None)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from swiglu_cases import ALL_LAYOUTS, TOLERANCE, check_against_float64, make_problem, rel_error
+from helpers.swiglu_cases import ALL_LAYOUTS, TOLERANCE, check_against_float64, make_problem, rel_error
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(),
                                 reason="CUDA present: tests/test_gpu_swiglu.py runs these kernels compiled")
@@ -19,10 +19,10 @@ pytestmark = pytest.mark.skipif(torch.cuda.is_available(),
 def interpreter(monkeypatch):
     """Kernels through the interpreter; the backward through the fused dX/dW kernels unless a
     test asks for the GEMM mode (the default on GPU)."""
-    from glu_fusion import config
+    from glu_fusion.ops import swiglu as swiglu_ops
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setattr(config, "backward", "fused")
+    monkeypatch.setattr(swiglu_ops, "_BACKWARD", "fused")
     torch.manual_seed(1234)
     yield
 
@@ -80,7 +80,7 @@ def test_kernels_write_every_output_element():
 
     dwg, dwu = torch.full((n, k), float("nan")), torch.full((n, k), float("nan"))
     dbg, dbu = torch.full((n,), float("nan")), torch.full((n,), float("nan"))
-    swiglu_weight_grad(dout, g, u, x, dwg, dwu, dbg, dbu, allow_tf32=False, deterministic=False)
+    swiglu_weight_grad(dout, g, u, x, dwg, dwu, dbg, dbu, allow_tf32=False)
     assert rel_error(dwg, d_g.T @ x.double()) < 1e-5 and rel_error(dwu, d_u.T @ x.double()) < 1e-5
     assert rel_error(dbg, d_g.sum(0)) < 1e-5 and rel_error(dbu, d_u.sum(0)) < 1e-5
 
@@ -93,7 +93,7 @@ def test_weight_grad_writes_strided_packed_views():
     x, *_ = _kernel_inputs(m, k, n, torch.float32)
     g, u, dout = torch.randn(m, n), torch.randn(m, n), torch.randn(m, n)
     packed = torch.full((2 * n, k), float("nan"))
-    swiglu_weight_grad(dout, g, u, x, packed[0::2], packed[1::2], None, None, False, False)
+    swiglu_weight_grad(dout, g, u, x, packed[0::2], packed[1::2], None, None, False)
     sig = torch.sigmoid(g.double())
     d_g = dout.double() * u.double() * sig * (1 + g.double() * (1 - sig))
     d_u = dout.double() * g.double() * sig
@@ -110,7 +110,7 @@ def test_weight_grad_is_deterministic():
     results = []
     for _ in range(2):
         dwg, dwu = torch.empty(n, k), torch.empty(n, k)
-        swiglu_weight_grad(dout, g, u, x, dwg, dwu, None, None, False, True)
+        swiglu_weight_grad(dout, g, u, x, dwg, dwu, None, None, False)
         results.append((dwg, dwu))
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
 
@@ -169,9 +169,9 @@ def test_empty_and_single_row():
 @pytest.mark.parametrize("layout", ALL_LAYOUTS)
 def test_gemm_backward_mode(layout, monkeypatch):
     """The elementwise gate-grad kernel plus plain GEMMs give the same gradients."""
-    from glu_fusion import config
+    from glu_fusion.ops import swiglu as swiglu_ops
 
-    monkeypatch.setattr(config, "backward", "gemm")
+    monkeypatch.setattr(swiglu_ops, "_BACKWARD", "gemm")
     for dtype in (torch.float32, torch.float16):
         check_against_float64(make_problem(layout, (2, 9), 40, 24, dtype, bias=True), TOLERANCE[dtype])
 

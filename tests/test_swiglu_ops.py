@@ -8,7 +8,7 @@ import glu_fusion
 from glu_fusion import reference
 from glu_fusion.ops.swiglu import CONCAT_UP_FIRST, INTERLEAVED_GATE_EVEN
 
-from swiglu_cases import ALL_LAYOUTS, make_problem, rel_error
+from helpers.swiglu_cases import ALL_LAYOUTS, make_problem, rel_error
 
 
 @pytest.fixture(autouse=True)
@@ -102,11 +102,11 @@ def test_autocast_follows_active_dtype():
 
 def test_fp32_highest_precision_is_honoured(monkeypatch):
     """With 'highest' the kernels must not use tf32: the op reports ieee to them."""
-    from glu_fusion.ops import _common
+    from glu_fusion.ops import dispatch
     monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "highest")
-    assert _common.allow_tf32() is False
+    assert dispatch.allow_tf32() is False
     monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "high")
-    assert _common.allow_tf32() is True
+    assert dispatch.allow_tf32() is True
 
 
 # --- bad input -----------------------------------------------------------------------------------
@@ -165,9 +165,9 @@ def test_error_packed_odd_rows_and_bad_layout():
 
 @pytest.mark.parametrize("layout", ALL_LAYOUTS)
 def test_gradcheck_gemm_backward(layout, monkeypatch):
-    from glu_fusion import config
+    from glu_fusion.ops import swiglu as swiglu_ops
 
-    monkeypatch.setattr(config, "backward", "gemm")
+    monkeypatch.setattr(swiglu_ops, "_BACKWARD", "gemm")
     problem = make_problem(layout, (3, 2), 12, 5, torch.float64, bias=True)
     assert torch.autograd.gradcheck(lambda *leaves: problem.run(list(leaves)), problem.leaves)
 

@@ -8,7 +8,6 @@ import os
 
 import torch
 
-from .. import config
 
 try:
     from triton import knobs as _knobs
@@ -53,11 +52,14 @@ class LaunchPlan:
     with every tensor 16-byte aligned, keeps the compiled binary and calls its launcher directly
     as Triton itself does after its lookup.  With the scalars fixed, the binary's specialisation
     can only change with tensor alignment, which is checked on every call; misaligned tensors,
-    another current device, launch hooks (profilers), the interpreter and
-    ``GLU_FUSION_CACHED_LAUNCH=0`` take Triton's ordinary path.
+    another current device, launch hooks (profilers), the interpreter and ``direct = False`` (set
+    by the ops, which own that switch) take Triton's ordinary path.
 
     Tensors are the kernel's leading parameters, scalars follow, constexprs come by keyword.
     """
+
+    #: Whether plans may call their binary directly; the ops set it (the kernels read no setting).
+    direct: bool = True
 
     __slots__ = ("kernel", "grid", "scalars", "keywords", "device", "_binary", "_tail")
 
@@ -72,7 +74,7 @@ class LaunchPlan:
 
     def __call__(self, *tensors) -> None:
         binary = self._binary
-        if binary is not None and config.cached_launch:
+        if binary is not None and LaunchPlan.direct:
             addresses = 0
             for t in tensors:
                 addresses |= t.data_ptr()
@@ -88,7 +90,7 @@ class LaunchPlan:
             self._binary = launched
 
     def _cacheable(self, tensors) -> bool:
-        if interpreting() or not config.cached_launch or _launch_hooks_set():
+        if interpreting() or not LaunchPlan.direct or _launch_hooks_set():
             return False
         if torch.cuda.current_device() != self.device:
             return False

@@ -197,12 +197,10 @@ def _num_splits(m: int, tiles: int, block_m: int) -> int:
 
 def swiglu_weight_grad(dout: Tensor, g: Tensor, u: Tensor, x: Tensor, dw_gate: Tensor,
                        dw_up: Tensor, db_gate: Optional[Tensor], db_up: Optional[Tensor],
-                       allow_tf32: bool, deterministic: bool) -> None:
+                       allow_tf32: bool) -> None:
     """Write dWg, dWu [N, K] (any strides, e.g. views of a packed gradient) and the bias grads.
 
-    The split reduction is always two-stage through an fp32 workspace, so it is deterministic
-    whether or not ``deterministic`` is asked for; the flag is kept for future atomics."""
-    del deterministic
+    The split reduction is always two-stage through an fp32 workspace, so it is deterministic."""
     m, n = dout.shape
     k = x.shape[1]
     has_bias = db_gate is not None

@@ -31,11 +31,13 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import config, grouped_reference
+from .. import grouped_reference
 from ..weight_grad_store import accumulate_into_grad, active_store, deferrable
-from . import _common
-from ._common import check_same, empty_like_nothing, use_kernels
-from .swiglu import CONCAT_GATE_FIRST, LAYOUTS, packed_views
+from .autocast import register_autocast_follow
+from .dispatch import allow_tf32, check_same, empty_like_nothing, register_cuda_fast_path, use_kernels
+from .graph_twins import register_graph_twins
+from ..layouts import CONCAT_GATE_FIRST, LAYOUTS
+from .swiglu import packed_views
 
 ACTIVATION_CODES = {"silu": 0, "gptoss": 1}
 
@@ -81,7 +83,7 @@ def _forward(x, offsets, w_gate, w_up, b_gate, b_up, activation, alpha, limit, s
         out = x.new_empty((t, n))
         preact = x.new_empty((t, 2 * n)) if save_preact else None
         grouped_swiglu_forward(x, offsets, w_gate, w_up, b_gate, b_up, out, preact,
-                               ACTIVATION_CODES[activation], alpha, limit, _common.allow_tf32())
+                               ACTIVATION_CODES[activation], alpha, limit, allow_tf32())
     else:
         g, u = grouped_reference.grouped_preact(x, offsets, w_gate, w_up, b_gate, b_up)
         out = grouped_reference.gate(g, u, activation, alpha, limit)
@@ -157,7 +159,7 @@ def grouped_swiglu_dx(dh: Tensor, offsets: Tensor, w_gate: Tensor, w_up: Tensor)
     if use_kernels(dh):
         from ..kernels.grouped_gemm import grouped_input_grad
         dx = dh.new_empty((dh.shape[0], w_gate.shape[2]))
-        grouped_input_grad(dh, offsets, w_gate, w_up, dx, _common.allow_tf32())
+        grouped_input_grad(dh, offsets, w_gate, w_up, dx, allow_tf32())
         return dx
     return grouped_reference.grouped_input_grad(dh, offsets, w_gate, w_up)
 
@@ -177,7 +179,7 @@ def grouped_swiglu_dw(dh: Tensor, x: Tensor, offsets: Tensor, layout: int, want_
         from ..kernels.grouped_gemm import grouped_weight_grad
         dw_gate, dw_up = expert_views(dweight, layout) if want_weight else (None, None)
         db_gate, db_up = expert_views(dbias, layout) if want_bias else (None, None)
-        grouped_weight_grad(dh, x, offsets, dw_gate, dw_up, db_gate, db_up, _common.allow_tf32())
+        grouped_weight_grad(dh, x, offsets, dw_gate, dw_up, db_gate, db_up, allow_tf32())
     else:
         dw, db = grouped_reference.grouped_weight_grad(dh, x, offsets, e)
         n = n2 // 2
@@ -292,44 +294,12 @@ grouped_swiglu_packed.register_autograd(_grouped_swiglu_packed_backward,
 
 for _name in ("grouped_swiglu", "grouped_swiglu_packed", "grouped_swiglu_dh", "grouped_swiglu_dx",
               "grouped_swiglu_dw"):
-    _common.register_autocast_follow(_name)
+    register_autocast_follow(_name)
 _ALL_OPS = (grouped_swiglu, grouped_swiglu_packed, grouped_swiglu_dh, grouped_swiglu_dx, grouped_swiglu_dw)
-_common.register_cuda_fast_path(*_ALL_OPS)
-_common.register_graph_twins(*_ALL_OPS)
+register_cuda_fast_path(*_ALL_OPS)
+register_graph_twins(*_ALL_OPS)
 
 
 # --- the functional API ------------------------------------------------------------------------
 
-def _save_preact(*tensors: Optional[Tensor]) -> bool:
-    """Write the pre-activations only when a backward can need them and recompute is off."""
-    if config.recompute or not torch.is_grad_enabled():
-        return False
-    return any(t is not None and t.requires_grad for t in tensors)
 
-
-def grouped_swiglu_api(x: Tensor, offsets: Tensor, w_gate: Tensor, w_up: Tensor,
-                       bias_gate: Optional[Tensor] = None, bias_up: Optional[Tensor] = None, *,
-                       activation: str = "silu", alpha: float = grouped_reference.GPTOSS_ALPHA,
-                       limit: float = grouped_reference.GPTOSS_LIMIT) -> Tensor:
-    """Expert SwiGLU over tokens ``x`` [T, K] sorted by expert: ``offsets`` [E] int32 holds the
-    cumulative token counts, ``w_gate``/``w_up`` are [E, N, K] (any strides), biases [E, N].
-    Returns [T, N], zero on rows past ``offsets[-1]``.  ``activation="gptoss"`` applies gpt-oss's
-    clamped gate with ``alpha`` and ``limit``.  Differentiable in x, the weights and biases."""
-    save = _save_preact(x, w_gate, w_up, bias_gate, bias_up)
-    return grouped_swiglu(x, offsets, w_gate, w_up, bias_gate, bias_up, activation, float(alpha),
-                          float(limit), save)[0]
-
-
-def grouped_swiglu_packed_api(x: Tensor, offsets: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
-                              layout: str = "concat", *, activation: str = "silu",
-                              alpha: float = grouped_reference.GPTOSS_ALPHA,
-                              limit: float = grouped_reference.GPTOSS_LIMIT) -> Tensor:
-    """Expert SwiGLU with one packed ``[E, 2N, K]`` weight (and ``[E, 2N]`` bias) read in place;
-    ``layout`` as for ``glu_fusion.swiglu_packed`` (gpt-oss: ``"interleaved"``; its ``[E, K, 2N]``
-    storage passes as ``weight.transpose(1, 2)``)."""
-    if layout not in LAYOUTS:
-        raise ValueError(f"glu_fusion.grouped_swiglu_packed: layout must be one of {sorted(LAYOUTS)}, "
-                         f"got {layout!r}")
-    save = _save_preact(x, weight, bias)
-    return grouped_swiglu_packed(x, offsets, weight, bias, LAYOUTS[layout], activation, float(alpha),
-                                 float(limit), save)[0]

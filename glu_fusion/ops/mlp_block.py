@@ -25,9 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _common
-from ._common import PlanCache, check_same, plans_enabled, tensor_key, use_kernels
-from .swiglu import (CONCAT_GATE_FIRST, _check_forward, _dh_halves, _forward, _gate_grad_into,
+from ..layouts import CONCAT_GATE_FIRST
+from .autocast import register_autocast_follow, register_autocast_passthrough
+from .dispatch import allow_tf32, check_same, register_cuda_fast_path, use_kernels
+from .graph_twins import register_graph_twins
+from .plan_cache import PlanCache, plans_enabled, tensor_key
+from .swiglu import (_check_forward, _dh_halves, _forward, _gate_grad_into,
                      _preact_halves, grads_from_dh, packed_views)
 
 
@@ -103,7 +106,7 @@ def _dgated_into(dout2d: Tensor, preact: Tensor, w_down: Tensor, d_g: Tensor, d_
     g, u = _preact_halves(preact)
     if _fused_dgated_serves(dout2d, w_down, g, u, d_g, d_u, h):
         from ..kernels.mlp_dgated import mlp_dgated as launch
-        launch(dout2d, w_down, g, u, d_g, d_u, h, _common.allow_tf32())
+        launch(dout2d, w_down, g, u, d_g, d_u, h, allow_tf32())
         return
     _gate_grad_into(dout2d @ w_down, preact, d_g, d_u, h)
 
@@ -126,7 +129,7 @@ def _build_dgated_plan(dout: Tensor, preact: Tensor, w_down: Tensor, d_g: Tensor
     if not _fused_dgated_serves(dout, w_down, g, u, d_g, d_u, h):
         return None
     from ..kernels.mlp_dgated import dgated_plan
-    return dgated_plan(dout, w_down, g, u, d_g, d_u, h, _common.allow_tf32())
+    return dgated_plan(dout, w_down, g, u, d_g, d_u, h, allow_tf32())
 
 
 _DGATED_PLANS = PlanCache(_build_dgated_plan)
@@ -249,9 +252,9 @@ def _mlp_block_packed_backward(ctx, dout, _dpreact):
 mlp_block_packed.register_autograd(_mlp_block_packed_backward, setup_context=_mlp_block_packed_setup)
 
 for _name in ("mlp_block", "mlp_block_packed", "mlp_dgated"):
-    _common.register_autocast_follow(_name)
-_common.register_autocast_passthrough("mlp_dgated_inplace")
+    register_autocast_follow(_name)
+register_autocast_passthrough("mlp_dgated_inplace")
 _ALL_OPS = (mlp_block, mlp_block_packed, mlp_dgated, mlp_dgated_inplace)
-_common.register_cuda_fast_path(*_ALL_OPS)
-_common.register_graph_twins(*_ALL_OPS)
+register_cuda_fast_path(*_ALL_OPS)
+register_graph_twins(*_ALL_OPS)
 

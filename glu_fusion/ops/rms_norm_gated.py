@@ -53,13 +53,15 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from . import _common
-from ._common import (SUPPORTED_DTYPES, PlanCache, check_same, empty_like_nothing, plans_enabled, tensor_key,
-                      use_kernels)
+from .autocast import register_autocast_passthrough
+from .dispatch import SUPPORTED_DTYPES, check_same, empty_like_nothing, register_cuda_fast_path, use_kernels
+from .graph_twins import register_graph_twins
+from .plan_cache import PlanCache, plans_enabled, tensor_key
 
-ACTIVATIONS = {"silu": 0, "sigmoid": 1}
-DOWNCASTS = {"none": 0, "before_weight": 1, "after_weight": 2}
-_MAX_KERNEL_GROUP = 32768  # mirrors kernels.rms_norm_gated.MAX_GROUP, without importing Triton
+#: The gate activations and rounding modes the op takes, by name (the kernels' integer codes
+#: are looked up from these names in ``_activation_code`` / ``_forward_flags`` only).
+ACTIVATIONS = ("silu", "sigmoid")
+DOWNCASTS = ("none", "before_weight", "after_weight")
 
 
 def _group(d: int, group_size: Optional[int]) -> int:
@@ -102,7 +104,15 @@ def _check(x: Tensor, z: Tensor, weight: Optional[Tensor], eps: float, group_siz
 
 
 def _kernels_serve(x: Tensor, group_size: Optional[int]) -> bool:
-    return use_kernels(x) and _group(x.shape[-1], group_size) <= _MAX_KERNEL_GROUP
+    if not use_kernels(x):
+        return False
+    from ..kernels.rms_norm_gated import MAX_GROUP
+    return _group(x.shape[-1], group_size) <= MAX_GROUP
+
+
+def _activation_code(activation: str) -> int:
+    from ..kernels import rms_norm_gated as kernels
+    return {"silu": kernels.ACT_SILU, "sigmoid": kernels.ACT_SIGMOID}[activation]
 
 
 def _rstd_dtype(x: Tensor) -> torch.dtype:
@@ -144,11 +154,12 @@ def _forward_flags(x, weight, eps, group_size, norm_before_gate, activation, wei
                    gate_in_input_dtype) -> tuple:
     """The forward kernel's arguments after ``rstd``, from the op's."""
     from ..kernels import rms_norm_gated as kernels
-    mode = DOWNCASTS[downcast]
+    mode = {"none": kernels.DOWNCAST_NONE, "before_weight": kernels.DOWNCAST_BEFORE_WEIGHT,
+            "after_weight": kernels.DOWNCAST_AFTER_WEIGHT}[downcast]
     round_weighted = mode == kernels.DOWNCAST_AFTER_WEIGHT or (
         mode == kernels.DOWNCAST_BEFORE_WEIGHT
         and (weight is None or torch.promote_types(x.dtype, weight.dtype) == x.dtype))
-    return (eps, _group(x.shape[-1], group_size), norm_before_gate, ACTIVATIONS[activation], weight_offset,
+    return (eps, _group(x.shape[-1], group_size), norm_before_gate, _activation_code(activation), weight_offset,
             gate_in_input_dtype, mode == kernels.DOWNCAST_BEFORE_WEIGHT, round_weighted,
             mode != kernels.DOWNCAST_NONE and weight_offset != 0.0)
 
@@ -171,7 +182,6 @@ def _build_forward_plan(x, z, weight, eps, group_size, norm_before_gate, activat
         rstd = torch.empty(rstd_shape, device=device, dtype=torch.float32)
         launch(x, z, weight if weight is not None else x, y, rstd)
         return y, rstd
-    run.launch = launch
     return run
 
 
@@ -210,7 +220,7 @@ def rms_norm_gated_backward(dy: Tensor, x: Tensor, z: Tensor, weight: Optional[T
         dz = torch.empty(x.shape, device=x.device, dtype=x.dtype) if need_z else None
         dw = kernels.rms_norm_gated_backward(
             dy, x, z, weight, rstd, dx, dz, need_weight, _group(x.shape[-1], group_size),
-            norm_before_gate, ACTIVATIONS[activation], weight_offset)
+            norm_before_gate, _activation_code(activation), weight_offset)
         if dw is not None:
             dw = dw.to(weight.dtype)
     return (dx.contiguous() if need_x else empty_like_nothing(x),
@@ -227,7 +237,7 @@ def _build_backward_plan(dy, x, z, weight, group_size, norm_before_gate, activat
     shape, device, dtype, d = x.shape, x.device, x.dtype, x.shape[-1]
     planned = kernels.backward_plan(dy, x, z, weight, torch.empty(shape, device=device, dtype=dtype),
                                     need_x, need_z, need_weight, _group(d, group_size), norm_before_gate,
-                                    ACTIVATIONS[activation], weight_offset)
+                                    _activation_code(activation), weight_offset)
     if planned is None:
         return None
     launch, programs = planned
@@ -241,7 +251,6 @@ def _build_backward_plan(dy, x, z, weight, group_size, norm_before_gate, activat
                dz if dz is not None else out, ws)
         return (dx if need_x else empty_like_nothing(x), dz if need_z else empty_like_nothing(x),
                 ws.sum(0).to(weight.dtype) if need_weight else empty_like_nothing(x))
-    run.launch = launch
     return run
 
 
@@ -283,27 +292,6 @@ rms_norm_gated.register_autograd(_backward, setup_context=_setup)
 
 # Both ops run on the dtypes they are given under autocast (see the module docstring).
 for _name in ("rms_norm_gated", "rms_norm_gated_backward"):
-    _common.register_autocast_passthrough(_name)
-_common.register_cuda_fast_path(rms_norm_gated, rms_norm_gated_backward)
-_common.register_graph_twins(rms_norm_gated, rms_norm_gated_backward)
-
-
-# --- public functional ----------------------------------------------------------------------------
-
-def rms_norm_gated_api(x: Tensor, z: Tensor, weight: Optional[Tensor] = None, eps: float = 1e-6,
-                       group_size: Optional[int] = None, norm_before_gate: bool = True,
-                       activation: str = "silu", *, weight_offset: float = 0.0,
-                       downcast: str = "none", gate_in_input_dtype: bool = False) -> Tensor:
-    """Gated RMSNorm over the last dimension of ``x`` and ``z`` (same shape ``[..., D]``).
-
-    ``norm_before_gate=True``: ``rmsnorm(x) * w * act(z)``; ``False``: ``rmsnorm(x * act(z)) * w``,
-    with ``w = weight + weight_offset`` (``weight_offset=1.0`` for the ``(1 + w)`` form; no
-    weight means 1), ``act`` ``"silu"`` or ``"sigmoid"``, and each group of ``group_size``
-    columns (a divisor of D; None: the whole row) normalised on its own.  Computes in fp32 and
-    returns x's dtype; ``downcast`` (``"none"``, ``"before_weight"``, ``"after_weight"``) and
-    ``gate_in_input_dtype`` reproduce the roundings of a given eager spelling (module docstring
-    of ``glu_fusion.ops.rms_norm_gated``).  Differentiable in x, z and weight; x and z may be
-    strided views (unit last stride avoids a copy).
-    """
-    return rms_norm_gated(x, z, weight, float(eps), group_size, bool(norm_before_gate), activation,
-                          float(weight_offset), downcast, bool(gate_in_input_dtype))[0]
+    register_autocast_passthrough(_name)
+register_cuda_fast_path(rms_norm_gated, rms_norm_gated_backward)
+register_graph_twins(rms_norm_gated, rms_norm_gated_backward)

@@ -20,30 +20,49 @@ with ``swiglu_preact`` and writes ``dH`` over it.  Outputs an op was told not to
 """
 from __future__ import annotations
 
+import logging
+import os
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from .. import config, reference
-from . import _common
+from .. import reference
+from ..layouts import CONCAT_GATE_FIRST, CONCAT_UP_FIRST, INTERLEAVED_GATE_EVEN, INTERLEAVED_UP_EVEN, LAYOUTS
+from .autocast import register_autocast_follow, register_autocast_passthrough
+from .dispatch import allow_tf32, check_same, empty_like_nothing, register_cuda_fast_path, use_kernels
+from .graph_twins import register_graph_twins
+from .plan_cache import PlanCache, plans_enabled, tensor_key
 from .weight_grad import weight_grad
-from ._common import PlanCache, check_same, empty_like_nothing, plans_enabled, tensor_key, use_kernels
 
-# Packed-weight layouts: where the gate rows and the up rows sit in a [2N, K] weight.
-CONCAT_GATE_FIRST = 0      # [Wg; Wu]: out.chunk(2, -1) gives (gate, up)
-CONCAT_UP_FIRST = 1        # [Wu; Wg]
-INTERLEAVED_GATE_EVEN = 2  # gate rows at 0, 2, 4, ...: out[..., ::2] is the gate
-INTERLEAVED_UP_EVEN = 3    # up rows at even indices
-LAYOUTS = {"concat": CONCAT_GATE_FIRST, "concat_up_first": CONCAT_UP_FIRST,
-           "interleaved": INTERLEAVED_GATE_EVEN, "interleaved_up_first": INTERLEAVED_UP_EVEN}
+
+def _env_choice(name: str, default: str, allowed: tuple[str, ...]) -> str:
+    """A benchmark A/B switch from the environment; an unknown value logs a warning and keeps
+    the default (this module may be imported while ``import torch`` runs)."""
+    value = os.environ.get(name, "").strip().lower() or default
+    if value not in allowed:
+        logging.getLogger("glu_fusion").warning("glu_fusion: %s must be one of %s, got %r; using %r",
+                                                name, ", ".join(allowed), value, default)
+        return default
+    return value
+
+
+# Benchmark A/B switches (not user settings; benchmarks/NOTES.md has the measurements):
+# ``GLU_FUSION_FORWARD=fused`` makes training calls from ``_CUBLAS_MIN_TOKENS`` tokens up use the
+# fused GEMM-with-gate kernel instead of two cuBLAS GEMMs plus the gate kernel (``auto``);
+# ``GLU_FUSION_BACKWARD=fused`` runs the input-grad and 3D-tiled weight-grad Triton kernels instead
+# of the gate-grad kernel plus cuBLAS GEMMs (``gemm``; 5-6x faster at large shapes on the H100);
+# ``GLU_FUSION_TMA=0`` keeps the pointer forward kernel where the TMA kernel would run.
+_FORWARD: str = _env_choice("GLU_FUSION_FORWARD", "auto", ("auto", "fused"))
+_BACKWARD: str = _env_choice("GLU_FUSION_BACKWARD", "gemm", ("gemm", "fused"))
+_FORWARD_TMA: bool = _env_choice("GLU_FUSION_TMA", "1", ("1", "0")) == "1"
 
 
 # The persistent TMA forward wins from about this many tokens on (H100, benchmarks/NOTES.md,
 # run 22: 0.86-1.00x the pointer kernel's GPU time at 1024 tokens, once its launch cost the
 # host no more than the pointer kernel's).
 _TMA_MIN_TOKENS = 1024
-# From this many tokens on, training calls run cuBLAS and the gate kernel (``config.forward``):
+# From this many tokens on, training calls run cuBLAS and the gate kernel (``_FORWARD``):
 # faster at M=16384 on the H100, slower at M=1024 (benchmarks/NOTES.md, run 14).
 _CUBLAS_MIN_TOKENS = 8192
 
@@ -85,12 +104,32 @@ def _check_forward(x: Tensor, w_gate: Tensor, w_up: Tensor,
     check_same("x", x, [("w_gate", w_gate), ("w_up", w_up), ("b_gate", b_gate), ("b_up", b_up)])
 
 
+def _route(x2d: Tensor, w_gate: Tensor, w_up: Tensor, out: Optional[Tensor], preact: Optional[Tensor],
+           save_preact: bool) -> str:
+    """The one place the forward picks its implementation for a 2-D problem:
+    ``"reference"`` (plain torch), ``"cublas"`` (two GEMMs into the pre-activations, then the
+    gate kernel: training calls from ``_CUBLAS_MIN_TOKENS`` tokens), ``"tma"`` (the persistent
+    TMA kernel from ``_TMA_MIN_TOKENS`` tokens where every operand is TMA-addressable) or
+    ``"pointer"`` (the fused pointer kernel)."""
+    if not use_kernels(x2d):
+        return "reference"
+    m, k = x2d.shape
+    if save_preact and _FORWARD == "auto" and m >= _CUBLAS_MIN_TOKENS and k > 0:
+        return "cublas"
+    if _FORWARD_TMA and m >= _TMA_MIN_TOKENS and k > 0:
+        from ..kernels import tma_eligible
+        n = w_gate.shape[0]
+        halves = (preact[:, :n], preact[:, n:]) if preact is not None else ()
+        if tma_eligible(x2d, w_gate, w_up, out, *halves):
+            return "tma"
+    return "pointer"
+
+
 def _forward(x: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Optional[Tensor],
              b_up: Optional[Tensor], save_preact: bool) -> tuple[Tensor, Tensor]:
     if plans_enabled(x):
         key = (tensor_key(x), tensor_key(w_gate), tensor_key(w_up), tensor_key(b_gate),
-               tensor_key(b_up), save_preact, torch.get_float32_matmul_precision(), config.forward_tma,
-               config.forward)
+               tensor_key(b_up), save_preact, torch.get_float32_matmul_precision(), _FORWARD_TMA, _FORWARD)
         plan = _FORWARD_PLANS.get(key, x, w_gate, w_up, b_gate, b_up, save_preact)
         if plan is not None:
             result = plan(x, w_gate, w_up, b_gate, b_up)
@@ -102,14 +141,15 @@ def _forward(x: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Optional[Tensor],
     x2d = x.reshape(-1, k)
     m = x2d.shape[0]
     if use_kernels(x):
-        from ..kernels import swiglu_forward, swiglu_forward_tma
         out = torch.empty((m, n), device=x.device, dtype=x.dtype)
         preact = torch.empty((m, 2 * n), device=x.device, dtype=x.dtype) if save_preact else None
-        if _use_cublas(m, k, save_preact):
+        route = _route(x2d, w_gate, w_up, out, preact, save_preact)
+        if route == "cublas":
             _forward_cublas(x2d, w_gate, w_up, b_gate, b_up, out, preact)
         else:
-            launch = swiglu_forward_tma if _use_tma(x2d, w_gate, w_up, out, preact) else swiglu_forward
-            launch(x2d, w_gate, w_up, b_gate, b_up, out, preact, _common.allow_tf32())
+            from ..kernels import swiglu_forward, swiglu_forward_tma
+            launch = swiglu_forward_tma if route == "tma" else swiglu_forward
+            launch(x2d, w_gate, w_up, b_gate, b_up, out, preact, allow_tf32())
     else:
         g, u = reference.swiglu_preact(x2d, w_gate, w_up, b_gate, b_up)
         out = reference.swiglu_gate(g, u)
@@ -117,10 +157,6 @@ def _forward(x: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Optional[Tensor],
     if preact is None:
         preact = empty_like_nothing(x)
     return out.reshape(*lead, n), preact
-
-
-def _use_cublas(m: int, k: int, save_preact: bool) -> bool:
-    return save_preact and config.forward == "auto" and m >= _CUBLAS_MIN_TOKENS and k > 0
 
 
 def _forward_cublas(x2d: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Optional[Tensor],
@@ -144,15 +180,6 @@ def _projections_into(x2d: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Optiona
         torch.addmm(b_up, x2d, w_up.t(), out=u)
 
 
-def _use_tma(x2d: Tensor, w_gate: Tensor, w_up: Tensor, out: Tensor, preact: Optional[Tensor]) -> bool:
-    from ..kernels import tma_eligible
-    m, k = x2d.shape
-    n = w_gate.shape[0]
-    halves = (preact[:, :n], preact[:, n:]) if preact is not None else ()
-    return (config.forward_tma and m >= _TMA_MIN_TOKENS and k > 0
-            and tma_eligible(x2d, w_gate, w_up, out, *halves))
-
-
 def _build_forward_plan(x: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Optional[Tensor],
                         b_up: Optional[Tensor], save_preact: bool):
     """The forward's host work for this argument signature, done once; None: general path.
@@ -160,10 +187,6 @@ def _build_forward_plan(x: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Optiona
     The returned ``run(x, w_gate, w_up, b_gate, b_up)`` allocates the outputs and launches; it
     returns None when this call's operands are not aligned for the TMA kernel."""
     _check_forward(x, w_gate, w_up, b_gate, b_up)
-    if not use_kernels(x):
-        return None
-    from ..kernels.swiglu_fwd import forward_operands, forward_plan
-    from ..kernels.swiglu_fwd_tma import tma_forward_plan
     n, k = w_gate.shape
     x2d = x.reshape(-1, k)
     m = x2d.shape[0]
@@ -171,8 +194,14 @@ def _build_forward_plan(x: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Optiona
         return None   # empty problems and inputs that reshape copies take the general path
     device, dtype = x.device, x.dtype
     out_2d, out_shape, pre_shape = (m, n), (*x.shape[:-1], n), (m, 2 * n)
+    # Outputs laid out as every call will allocate them: the kernels' strides come from these.
+    out = torch.empty(out_2d, device=device, dtype=dtype)
+    preact = torch.empty(pre_shape, device=device, dtype=dtype) if save_preact else None
+    route = _route(x2d, w_gate, w_up, out, preact, save_preact)
+    if route == "reference":
+        return None
 
-    if _use_cublas(m, k, save_preact):
+    if route == "cublas":
         def run_cublas(x, w_gate, w_up, b_gate, b_up):
             out = torch.empty(out_2d, device=device, dtype=dtype)
             preact = torch.empty(pre_shape, device=device, dtype=dtype)
@@ -180,13 +209,10 @@ def _build_forward_plan(x: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Optiona
             return out.reshape(out_shape), preact
         return run_cublas
 
-    # Outputs laid out as every call will allocate them: the kernels' strides come from these.
-    out = torch.empty(out_2d, device=device, dtype=dtype)
-    preact = torch.empty(pre_shape, device=device, dtype=dtype) if save_preact else None
-    allow_tf32 = _common.allow_tf32()
-
-    if _use_tma(x2d, w_gate, w_up, out, preact):
-        launch_tma = tma_forward_plan(x2d, w_gate, w_up, b_gate, b_up, out, preact, allow_tf32)
+    from ..kernels.swiglu_fwd import forward_operands, forward_plan
+    if route == "tma":
+        from ..kernels.swiglu_fwd_tma import tma_forward_plan
+        launch_tma = tma_forward_plan(x2d, w_gate, w_up, b_gate, b_up, out, preact, allow_tf32())
 
         def run_tma(x, w_gate, w_up, b_gate, b_up):
             if (x.data_ptr() | w_gate.data_ptr() | w_up.data_ptr()) & 15:
@@ -197,14 +223,13 @@ def _build_forward_plan(x: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Optiona
             return out.reshape(out_shape), preact if save_preact else empty_like_nothing(x)
         return run_tma
 
-    launch = forward_plan(x2d, w_gate, w_up, b_gate, b_up, out, preact, allow_tf32)
+    launch = forward_plan(x2d, w_gate, w_up, b_gate, b_up, out, preact, allow_tf32())
 
     def run(x, w_gate, w_up, b_gate, b_up):
         out = torch.empty(out_shape, device=device, dtype=dtype)
         preact = torch.empty(pre_shape, device=device, dtype=dtype) if save_preact else None
         launch(*forward_operands(x, w_gate, w_up, b_gate, b_up, out, preact))
         return out, preact if save_preact else empty_like_nothing(x)
-    run.launch = launch
     return run
 
 
@@ -285,7 +310,7 @@ def swiglu_dx(dout: Tensor, preact: Tensor, w_gate: Tensor, w_up: Tensor) -> Ten
     if use_kernels(dout):
         from ..kernels import swiglu_input_grad
         dx = torch.empty((dout2d.shape[0], k), device=dout.device, dtype=dout.dtype)
-        swiglu_input_grad(dout2d, g, u, w_gate, w_up, dx, _common.allow_tf32())
+        swiglu_input_grad(dout2d, g, u, w_gate, w_up, dx, allow_tf32())
     else:
         d_g, d_u = reference.swiglu_grad_preact(dout2d, g, u)
         dx = d_g @ w_gate + d_u @ w_up
@@ -352,7 +377,6 @@ def _build_dh_plan(dout: Tensor, preact: Tensor, layout: int):
         d_g, d_u = _dh_halves(dh, layout)
         launch(dout, *_preact_halves(preact), d_g, d_u, d_g)
         return dh
-    run.launch = launch
     return run
 
 
@@ -404,7 +428,6 @@ def _build_dh_inplace_plan(dout: Tensor, preact: Tensor):
     def run(dout, preact):
         g, u = _preact_halves(preact)
         launch(dout, g, u, g, u, g)
-    run.launch = launch
     return run
 
 
@@ -424,8 +447,7 @@ def _weight_grad_into(dout: Tensor, preact: Tensor, x: Tensor, dw_gate: Tensor, 
     g, u = _preact_halves(preact)
     if use_kernels(dout):
         from ..kernels import swiglu_weight_grad
-        swiglu_weight_grad(dout2d, g, u, x2d, dw_gate, dw_up, db_gate, db_up, _common.allow_tf32(),
-                           torch.are_deterministic_algorithms_enabled())
+        swiglu_weight_grad(dout2d, g, u, x2d, dw_gate, dw_up, db_gate, db_up, allow_tf32())
         return
     d_g, d_u = reference.swiglu_grad_preact(dout2d, g, u)
     dw_gate.copy_(d_g.t() @ x2d)
@@ -478,7 +500,7 @@ def _(dout, preact, x, layout, want_bias):
 
 def _gemm_backward(dout: Tensor, preact: Tensor, x: Tensor, weights: tuple, layout: int,
                    need_x: bool, need_w: bool, need_b: bool, owns_preact: bool = False):
-    """Backward through one elementwise kernel and plain GEMMs (``config.backward == "gemm"``).
+    """Backward through one elementwise kernel and plain GEMMs (``_BACKWARD == "gemm"``).
 
     ``weights`` is ``(weight,)`` for a packed weight or ``(w_gate, w_up)``; returns dx, the
     weight grads in the same form, and the bias grads (or Nones).  ``owns_preact``: nothing
@@ -520,11 +542,6 @@ def _setup(ctx, x, weights, biases, save_preact, output, layout=None):
     ctx.save_for_backward(x, *weights, *biases, preact if save_preact else None)
 
 
-def _saved_preact(ctx, forward):
-    *_, preact = ctx.saved_tensors
-    return preact if preact is not None else forward()
-
-
 def _swiglu_setup(ctx, inputs, output):
     x, w_gate, w_up, b_gate, b_up, save_preact = inputs
     _setup(ctx, x, (w_gate, w_up), (b_gate, b_up), save_preact, output)
@@ -538,7 +555,7 @@ def _swiglu_backward(ctx, dout, _dpreact):
     recomputed = preact is None
     if recomputed:
         preact = torch.ops.glu_fusion.swiglu_preact(x, w_gate, w_up, b_gate, b_up)
-    if config.backward == "gemm":
+    if _BACKWARD == "gemm":
         need_b = ctx.has_bias and (need_bg or need_bu)
         dx, dws, dbs = _gemm_backward(dout, preact, x, (w_gate, w_up), CONCAT_GATE_FIRST,
                                       need_x, need_wg or need_wu, need_b, owns_preact=recomputed)
@@ -571,7 +588,7 @@ def _swiglu_packed_backward(ctx, dout, _dpreact):
         w_gate, w_up = packed_views(weight, ctx.layout)
         b_gate, b_up = packed_views(bias, ctx.layout) if bias is not None else (None, None)
         preact = torch.ops.glu_fusion.swiglu_preact(x, w_gate, w_up, b_gate, b_up)
-    if config.backward == "gemm":
+    if _BACKWARD == "gemm":
         dx, dws, dbs = _gemm_backward(dout, preact, x, (weight,), ctx.layout, need_x, need_w,
                                       ctx.has_bias and need_b, owns_preact=recomputed)
         return dx, (dws or (None,))[0], (dbs or (None,))[0], None, None
@@ -590,9 +607,9 @@ def _swiglu_packed_backward(ctx, dout, _dpreact):
 swiglu_packed.register_autograd(_swiglu_packed_backward, setup_context=_swiglu_packed_setup)
 
 for _name in ("swiglu", "swiglu_packed", "swiglu_preact", "swiglu_dx", "swiglu_dh", "swiglu_dw", "swiglu_packed_dw"):
-    _common.register_autocast_follow(_name)
+    register_autocast_follow(_name)
 # Casting would write the gradient into a copy: the in-place op runs on the dtypes it is given.
-_common.register_autocast_passthrough("swiglu_dh_inplace")
+register_autocast_passthrough("swiglu_dh_inplace")
 _ALL_OPS = (swiglu, swiglu_packed, swiglu_preact, swiglu_dx, swiglu_dh, swiglu_dh_inplace, swiglu_dw, swiglu_packed_dw)
-_common.register_cuda_fast_path(*_ALL_OPS)
-_common.register_graph_twins(*_ALL_OPS)
+register_cuda_fast_path(*_ALL_OPS)
+register_graph_twins(*_ALL_OPS)

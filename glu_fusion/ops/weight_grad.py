@@ -11,8 +11,7 @@ from typing import Optional
 
 from torch import Tensor
 
-from . import _common
-from ._common import use_kernels
+from .dispatch import allow_tf32, use_kernels
 
 #: Our kernel takes shapes with at least this many tokens and output tiles for two waves.
 MIN_TOKENS = 16384
@@ -36,7 +35,7 @@ def weight_grad(dh: Tensor, x2d: Tensor, want_bias: bool) -> tuple[Tensor, Optio
         from ..kernels.weight_grad_tma import weight_grad as launch
         dw = dh.new_empty((dh.shape[1], x2d.shape[1]))
         db = dh.new_empty((dh.shape[1],)) if want_bias else None
-        launch(dh, x2d, dw, db, _common.allow_tf32())
+        launch(dh, x2d, dw, db, allow_tf32())
         return dw, db
     return dh.t() @ x2d, (dh.sum(0) if want_bias else None)
 

@@ -1,1 +1,2 @@
-"""Support code shared by several test files (not collected as tests)."""
+"""Shared helpers of the test suite: case tables, reference checks, models, graph renderings,
+the fuzzer's grammar (not collected as tests)."""

@@ -16,7 +16,7 @@ import time
 from collections import Counter
 from typing import Iterator, Optional
 
-__all__ = ["Rewrite", "GraphRecord", "Report", "REPORT", "log"]
+__all__ = ["Rewrite", "GraphRecord", "Report", "REPORT", "report", "log"]
 
 log = logging.getLogger("glu_fusion")
 
@@ -132,3 +132,10 @@ class Report:
 
 #: The process-wide report; ``glu_fusion.report()`` returns it.
 REPORT = Report()
+
+
+def report() -> Report:
+    """The process-wide rewrite report: ``.graphs`` (one record per graph the pass ran on, with
+    ``.rewrites`` and ``.counts()``), ``.counts()`` per family, ``.total``, ``.reset()``;
+    ``str(report())`` is a readable summary."""
+    return REPORT

@@ -55,7 +55,7 @@ class GroupedProblem:
 
     def run(self, leaves: Optional[list] = None) -> torch.Tensor:
         """Our op through the functional API."""
-        from glu_fusion.ops.grouped_swiglu import grouped_swiglu_api, grouped_swiglu_packed_api
+        from glu_fusion.functional import grouped_swiglu as grouped_swiglu_api, grouped_swiglu_packed as grouped_swiglu_packed_api
         leaves = self.leaves if leaves is None else leaves
         x, rest = leaves[0], leaves[1:]
         nw = len(self.weights)

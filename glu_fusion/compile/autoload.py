@@ -3,14 +3,14 @@
 torch calls :func:`autoload` near the end of ``import torch``.  Importing Inductor's config there
 would add over a second to every ``import torch``, so instead a one-shot import hook waits for
 ``torch._inductor.config`` to be imported (which ``torch.compile`` does) and installs the pass into
-it then.  Nothing here may raise: an exception would make ``import torch`` fail.
+it then.  Nothing here may raise: an exception would make ``import torch`` fail.  A setting
+with a bad value (``config.env_errors``) logs a warning and leaves the pass off.
 """
 from __future__ import annotations
 
 import importlib.abc
 import importlib.machinery
 import logging
-import os
 import sys
 
 _TARGET = "torch._inductor.config"
@@ -18,8 +18,15 @@ _log = logging.getLogger("glu_fusion")
 
 
 def _wanted() -> bool:
-    value = os.environ.get("GLU_FUSION", "").strip().lower()
-    return value not in ("", "0", "false", "no", "off")
+    """``GLU_FUSION`` is on and every setting read from the environment is valid."""
+    from .. import config
+    if not config.enabled:
+        return False
+    if config.env_errors:
+        _log.warning("glu_fusion: GLU_FUSION is set but a setting is invalid (%s); the pass stays off",
+                     "; ".join(config.env_errors))
+        return False
+    return True
 
 
 def _install_into(module) -> None:
@@ -71,7 +78,8 @@ class _OneShotFinder(importlib.abc.MetaPathFinder):
 
 
 def autoload() -> None:
-    """Entry point: does nothing unless ``GLU_FUSION`` is set to a true value."""
+    """Entry point: does nothing unless ``GLU_FUSION`` is set to a true value and every setting
+    is valid; never raises."""
     try:
         if not _wanted():
             return
@@ -80,5 +88,8 @@ def autoload() -> None:
             _install_into(module)
         elif not any(isinstance(f, _OneShotFinder) for f in sys.meta_path):
             sys.meta_path.insert(0, _OneShotFinder())
-    except Exception as err:
-        _log.warning("glu_fusion: autoload failed: %r", err)
+    except BaseException as err:  # noqa: BLE001  (nothing may escape into ``import torch``)
+        try:
+            _log.warning("glu_fusion: autoload failed, the pass stays off: %r", err)
+        except BaseException:  # noqa: BLE001
+            pass

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from glu_fusion import reference
-from glu_fusion.ops.rms_norm_gated import rms_norm_gated_api
+from glu_fusion.functional import rms_norm_gated as rms_norm_gated_api
 
 # Relative-error bounds (norm of the difference over the norm of the float64 result).
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}

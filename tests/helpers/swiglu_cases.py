@@ -8,7 +8,8 @@ import torch
 
 import glu_fusion
 from glu_fusion import reference
-from glu_fusion.ops.swiglu import LAYOUTS, packed_views
+from glu_fusion.layouts import LAYOUTS
+from glu_fusion.ops.swiglu import packed_views
 
 ALL_LAYOUTS = ("separate",) + tuple(LAYOUTS)
 # Relative-error bounds against float64, by dtype (rounded inputs and outputs included).

@@ -1,0 +1,134 @@
+"""The public functions: differentiable fused ops for eager code (``glu_fusion.swiglu`` ...).
+
+The ops (custom-op registration, ~20 ms) are imported on the first call, not with the package:
+the ``GLU_FUSION`` entry point imports the package at every ``import torch``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import config
+from .grouped_reference import GPTOSS_ALPHA, GPTOSS_LIMIT
+from .layouts import LAYOUTS
+
+__all__ = ["swiglu", "swiglu_packed", "mlp_block", "mlp_block_packed", "grouped_swiglu", "grouped_swiglu_packed",
+           "rms_norm_gated"]
+
+
+def swiglu(x: Tensor, w_gate: Tensor, w_up: Tensor, bias_gate: Optional[Tensor] = None,
+           bias_up: Optional[Tensor] = None) -> Tensor:
+    """``silu(x @ w_gate.T + bias_gate) * (x @ w_up.T + bias_up)`` for ``x`` of shape ``[..., K]``
+    and weights ``[N, K]``; differentiable in every argument.  Saves the ``[M, 2N]``
+    pre-activations for backward unless ``config.recompute`` (``GLU_FUSION_RECOMPUTE=1``) is set."""
+    from .ops import swiglu as swiglu_ops
+
+    if (bias_gate is None) != (bias_up is None):
+        raise ValueError("glu_fusion.swiglu: give both bias_gate and bias_up, or neither")
+    save = _save_preact(x, w_gate, w_up, bias_gate, bias_up)
+    return swiglu_ops.swiglu(x, w_gate, w_up, bias_gate, bias_up, save)[0]
+
+
+def swiglu_packed(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
+                  layout: str = "concat") -> Tensor:
+    """SwiGLU with one packed ``[2N, K]`` weight (and optional ``[2N]`` bias), read in place.
+
+    ``layout="concat"``: gate rows first, then up rows (``y.chunk(2, -1)`` order);
+    ``"interleaved"``: gate rows at even indices (``y[..., ::2]``), up rows at odd ones.
+    ``"concat_up_first"`` and ``"interleaved_up_first"`` put the up half first.
+    """
+    from .ops import swiglu as swiglu_ops
+
+    if layout not in LAYOUTS:
+        raise ValueError(f"glu_fusion.swiglu_packed: layout must be one of {sorted(LAYOUTS)}, "
+                         f"got {layout!r}")
+    save = _save_preact(x, weight, bias)
+    return swiglu_ops.swiglu_packed(x, weight, bias, LAYOUTS[layout], save)[0]
+
+
+def mlp_block(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, bias_gate: Optional[Tensor] = None,
+              bias_up: Optional[Tensor] = None, bias_down: Optional[Tensor] = None) -> Tensor:
+    """The whole gated MLP: ``down(silu(x @ w_gate.T + bias_gate) * (x @ w_up.T + bias_up))`` with
+    ``w_down`` ``[D, N]`` (an ``nn.Linear(N, D)`` weight); differentiable in every argument.  Saves
+    only the ``[M, 2N]`` pre-activations (or only ``x`` with ``config.recompute``); the backward
+    recomputes ``h`` inside the GEMM that computes its gradient."""
+    from .ops import mlp_block as block_ops
+
+    if (bias_gate is None) != (bias_up is None):
+        raise ValueError("glu_fusion.mlp_block: give both bias_gate and bias_up, or neither")
+    save = _save_preact(x, w_gate, w_up, bias_gate, bias_up, w_down, bias_down)
+    return block_ops.mlp_block(x, w_gate, w_up, bias_gate, bias_up, w_down, bias_down, save)[0]
+
+
+def mlp_block_packed(x: Tensor, weight: Tensor, w_down: Tensor, bias: Optional[Tensor] = None,
+                     bias_down: Optional[Tensor] = None, layout: str = "concat") -> Tensor:
+    """``mlp_block`` with one packed ``[2N, K]`` gate/up weight read in place (``layout`` as for
+    ``swiglu_packed``)."""
+    from .ops import mlp_block as block_ops
+
+    if layout not in LAYOUTS:
+        raise ValueError(f"glu_fusion.mlp_block_packed: layout must be one of {sorted(LAYOUTS)}, "
+                         f"got {layout!r}")
+    save = _save_preact(x, weight, bias, w_down, bias_down)
+    return block_ops.mlp_block_packed(x, weight, bias, LAYOUTS[layout], w_down, bias_down, save)[0]
+
+
+def grouped_swiglu(x: Tensor, offsets: Tensor, w_gate: Tensor, w_up: Tensor,
+                   bias_gate: Optional[Tensor] = None, bias_up: Optional[Tensor] = None, *,
+                   activation: str = "silu", alpha: float = GPTOSS_ALPHA, limit: float = GPTOSS_LIMIT) -> Tensor:
+    """Expert SwiGLU over tokens ``x`` [T, K] sorted by expert: ``offsets`` [E] int32 holds the
+    cumulative token counts, ``w_gate``/``w_up`` are [E, N, K] (any strides), biases [E, N].
+    Returns [T, N], zero on rows past ``offsets[-1]``.  ``activation="gptoss"`` applies gpt-oss's
+    clamped gate with ``alpha`` and ``limit``.  Differentiable in x, the weights and biases."""
+    from .ops import grouped_swiglu as grouped_ops
+
+    save = _save_preact(x, w_gate, w_up, bias_gate, bias_up)
+    return grouped_ops.grouped_swiglu(x, offsets, w_gate, w_up, bias_gate, bias_up, activation, float(alpha),
+                                      float(limit), save)[0]
+
+
+def grouped_swiglu_packed(x: Tensor, offsets: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
+                          layout: str = "concat", *, activation: str = "silu", alpha: float = GPTOSS_ALPHA,
+                          limit: float = GPTOSS_LIMIT) -> Tensor:
+    """Expert SwiGLU with one packed ``[E, 2N, K]`` weight (and ``[E, 2N]`` bias) read in place;
+    ``layout`` as for ``swiglu_packed`` (gpt-oss: ``"interleaved"``; its ``[E, K, 2N]`` storage
+    passes as ``weight.transpose(1, 2)``)."""
+    from .ops import grouped_swiglu as grouped_ops
+
+    if layout not in LAYOUTS:
+        raise ValueError(f"glu_fusion.grouped_swiglu_packed: layout must be one of {sorted(LAYOUTS)}, "
+                         f"got {layout!r}")
+    save = _save_preact(x, weight, bias)
+    return grouped_ops.grouped_swiglu_packed(x, offsets, weight, bias, LAYOUTS[layout], activation, float(alpha),
+                                             float(limit), save)[0]
+
+
+def rms_norm_gated(x: Tensor, z: Tensor, weight: Optional[Tensor] = None, eps: float = 1e-6,
+                   group_size: Optional[int] = None, norm_before_gate: bool = True,
+                   activation: str = "silu", *, weight_offset: float = 0.0,
+                   downcast: str = "none", gate_in_input_dtype: bool = False) -> Tensor:
+    """Gated RMSNorm over the last dimension of ``x`` and ``z`` (same shape ``[..., D]``).
+
+    ``norm_before_gate=True``: ``rmsnorm(x) * w * act(z)``; ``False``: ``rmsnorm(x * act(z)) * w``,
+    with ``w = weight + weight_offset`` (``weight_offset=1.0`` for the ``(1 + w)`` form; no
+    weight means 1), ``act`` ``"silu"`` or ``"sigmoid"``, and each group of ``group_size``
+    columns (a divisor of D; None: the whole row) normalised on its own.  Computes in fp32 and
+    returns x's dtype; ``downcast`` (``"none"``, ``"before_weight"``, ``"after_weight"``) and
+    ``gate_in_input_dtype`` reproduce the roundings of a given eager spelling (module docstring
+    of ``glu_fusion.ops.rms_norm_gated``).  Differentiable in x, z and weight; x and z may be
+    strided views (unit last stride avoids a copy).
+    """
+    from .ops import rms_norm_gated as norm_ops
+
+    return norm_ops.rms_norm_gated(x, z, weight, float(eps), group_size, bool(norm_before_gate), activation,
+                                   float(weight_offset), downcast, bool(gate_in_input_dtype))[0]
+
+
+def _save_preact(*tensors: Optional[Tensor]) -> bool:
+    """Write the pre-activations only when a backward can need them (and recompute is off):
+    in inference the forward then writes only its output."""
+    if config.recompute or not torch.is_grad_enabled():
+        return False
+    return any(t is not None and t.requires_grad for t in tensors)
