@@ -28,7 +28,6 @@ import functools
 import json
 import os
 import sys
-import time
 
 # Variants differ by pattern switches that are not all part of Inductor's cache key.
 os.environ.setdefault("TORCHINDUCTOR_FORCE_DISABLE_CACHES", "1")
@@ -37,7 +36,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import glu_fusion  # noqa: E402
-from _measure import bench, copy_bandwidth, environment, peak_mb, write_results  # noqa: E402
+from _measure import bench, copy_bandwidth, environment, host_ms_per_call, peak_mb, write_results  # noqa: E402
 
 SHAPES = [(4096, 14336), (1024, 3072), (2048, 8192)]
 TOKENS = [1, 16, 128, 1024, 4096, 16384]
@@ -62,16 +61,8 @@ class MLP(torch.nn.Module):
 
 
 def wall_ms(fn, calls: int = 50) -> float:
-    """Host wall time per call over a loop (synchronised at both ends), best of three loops."""
-    best = float("inf")
-    for _ in range(3):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-        best = min(best, (time.perf_counter() - start) / calls * 1e3)
-    return best
+    """Host wall time per call over a loop of calls, best of three loops (the host is shared)."""
+    return min(host_ms_per_call(fn, calls) for _ in range(3))
 
 
 def _set_block(on: bool) -> None:

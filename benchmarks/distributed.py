@@ -140,7 +140,7 @@ def init(args) -> tuple[int, int, torch.device]:
         args.lr = 3e-3 if args.tiny else 3e-4
     if args.warmup is None:
         args.warmup = min(5, args.steps // 2)
-    if glu_fusion.config.enabled_by_env:
+    if glu_fusion.config.enabled:
         # GLU_FUSION=1 would put the pass into the plain-compile baseline too.
         glu_fusion.disable()
     if args.device == "cuda":

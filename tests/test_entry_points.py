@@ -150,7 +150,7 @@ def test_main_demo_on_cpu(cpu_rewrites, monkeypatch, capsys):
     assert main(["--layers", "2", "--no-timing"]) == 0
     out = capsys.readouterr().out
     assert "rewriting graphs on 'cpu' for this run" in out
-    assert "2 rewrite(s)" in out and "swiglu=2" in out and "-> OK" in out
+    assert "2 rewrite(s)" in out and "mlp_block=2" in out and "-> OK" in out
 
 
 def test_main_inspect_factory(cpu_rewrites, capsys):

@@ -64,10 +64,18 @@ def _leaves(problem, k, n, dtype):
     return [*problem.leaves, w_down, b_down]
 
 
+@pytest.fixture(params=[False, True], ids=["unfused_bwd", "fused_bwd"])
+def fused_dgated(request, monkeypatch):
+    """Both backward routes of the block: cuBLAS + one elementwise pass (default), and the
+    GEMM with the gate's backward in its epilogue."""
+    from glu_fusion.ops import mlp_block
+    monkeypatch.setattr(mlp_block, "FUSED_DGATED", request.param)
+
+
 @pytest.mark.parametrize("layout,m,k,n,dtype,bias,save", CASES,
                          ids=[f"{c[0]}-M{c[1]}-K{c[2]}N{c[3]}-{str(c[4])[6:]}-{'b' if c[5] else 'nob'}-"
                               f"{'save' if c[6] else 'recompute'}" for c in CASES])
-def test_block_against_float64_and_eager(layout, m, k, n, dtype, bias, save):
+def test_block_against_float64_and_eager(layout, m, k, n, dtype, bias, save, fused_dgated):
     torch.manual_seed(m + k + n)
     problem = make_problem(layout, (m,), k, n, dtype, bias, device="cuda")
     leaves = _leaves(problem, k, n, dtype)
@@ -95,6 +103,7 @@ def test_fused_backward_gemm_matches_unfused_route(dtype, monkeypatch):
     dout = torch.randn(m, d, device="cuda", dtype=dtype)
     preact = torch.randn(m, 2 * n, device="cuda", dtype=dtype)
     w_down = (torch.randn(d, n, device="cuda") * d ** -0.5).to(dtype)
+    monkeypatch.setattr(mlp_block, "FUSED_DGATED", True)
     fused = torch.ops.glu_fusion.mlp_dgated(dout, preact, w_down, 0)
     monkeypatch.setattr(mlp_block, "FUSED_DGATED", False)
     unfused = torch.ops.glu_fusion.mlp_dgated(dout, preact, w_down, 0)

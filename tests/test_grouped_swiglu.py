@@ -155,4 +155,4 @@ def test_bad_arguments(reference_path):
     with pytest.raises(ValueError, match="K=8"):
         functional.grouped_swiglu(torch.randn(4, 6), offsets_of([1, 3]), w, w)
     with pytest.raises(ValueError, match="layout"):
-        ops.grouped_swiglu_packed_api(x, offsets_of([1, 3]), torch.randn(2, 8, 8), layout="zigzag")
+        functional.grouped_swiglu_packed(x, offsets_of([1, 3]), torch.randn(2, 8, 8), layout="zigzag")

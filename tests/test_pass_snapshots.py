@@ -57,6 +57,20 @@ class LlamaMLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+class LlamaMLPBiasedDown(LlamaMLP):
+    def __init__(self):
+        super().__init__()
+        self.down_proj = nn.Linear(32, 16, bias=True)
+
+
+class LlamaMLPWithProbe(LlamaMLP):
+    """h has a second user, so the down projection cannot take it over."""
+
+    def forward(self, x):
+        h = F.silu(self.gate_proj(x)) * self.up_proj(x)
+        return self.down_proj(h) + h.sum(-1, keepdim=True)
+
+
 class SwiGLU(nn.Module):
     """Only the SwiGLU, so the AOT graphs hold nothing but our ops and their plumbing."""
 
@@ -114,10 +128,53 @@ class TestSnapshots(expecttest.TestCase):
     def test_llama_mlp(self):
         cap = self.run_graphs(LlamaMLP(), torch.randn(2, 3, 16))
         self.assertExpectedInline(cap.pre_grad, """\
+glu_fusion.mlp_block.default(in, in, in, None, None, in, None, True)
+getitem(glu_fusion.mlp_block.default, 0)
+return (getitem)""")
+        assert REPORT.counts() == {"mlp_block": 1}
+
+    def test_mlp_block_training_graphs(self):
+        """The whole block: the forward saves the pre-activations (not h); the backward computes
+        dH and h in one op, then plain GEMMs."""
+        cap = self.run_graphs(LlamaMLPBiasedDown(), torch.randn(2, 3, 16))
+        self.assertExpectedInline(cap.pre_grad, """\
+glu_fusion.mlp_block.default(in, in, in, None, None, in, in, True)
+getitem(glu_fusion.mlp_block.default, 0)
+return (getitem)""")
+        self.assertExpectedInline(cap.forward, """\
+glu_fusion.mlp_block.default(in, in, in, None, None, in, in, True)
+getitem(glu_fusion.mlp_block.default, 0)
+getitem(glu_fusion.mlp_block.default, 1)
+return (getitem, in, in, in, in, getitem)""")
+        self.assertExpectedInline(cap.backward, """\
+aten.view.default(in, [#, #])
+glu_fusion.mlp_dgated.default(aten.view.default, in, in, 0)
+getitem(glu_fusion.mlp_dgated.default, 0)
+getitem(glu_fusion.mlp_dgated.default, 1)
+aten.t.default(aten.view.default)
+aten.mm.default(aten.t.default, getitem)
+aten.sum.dim_IntList(aten.view.default, [#])
+aten.view.default(in, [#, #])
+aten.slice.Tensor(getitem, #, #, #)
+aten.mm.default(aten.slice.Tensor, in)
+aten.slice.Tensor(getitem, #, #, #)
+aten.addmm.default(aten.mm.default, aten.slice.Tensor, in)
+aten.view.default(aten.addmm.default, [#, #, #])
+aten.t.default(getitem)
+aten.mm.default(aten.t.default, aten.view.default)
+aten.slice.Tensor(aten.mm.default, #, #, #)
+aten.slice.Tensor(aten.mm.default, #, #, #)
+return (aten.slice.Tensor, aten.view.default, aten.slice.Tensor, aten.mm.default, aten.sum.dim_IntList)""")
+
+    def test_block_falls_back_to_swiglu_when_h_has_another_user(self):
+        cap = self.run_graphs(LlamaMLPWithProbe(), torch.randn(2, 3, 16))
+        self.assertExpectedInline(cap.pre_grad, """\
 glu_fusion.swiglu.default(in, in, in, None, None, True)
 getitem(glu_fusion.swiglu.default, 0)
 linear(getitem, in, None)
-return (linear)""")
+.sum(getitem, -1, keepdim=True)
+add(linear, .sum)
+return (add)""")
         assert REPORT.counts() == {"swiglu": 1}
 
     def test_two_weights_training_graphs(self):
@@ -135,15 +192,15 @@ return (getitem, in, in, in, getitem)""")
 glu_fusion.swiglu_dh.default(in, in, 0)
 aten.view.default(in, [#, #])
 aten.slice.Tensor(glu_fusion.swiglu_dh.default, #, #, #)
-aten.slice.Tensor(glu_fusion.swiglu_dh.default, #, #, #)
 aten.mm.default(aten.slice.Tensor, in)
+aten.slice.Tensor(glu_fusion.swiglu_dh.default, #, #, #)
 aten.addmm.default(aten.mm.default, aten.slice.Tensor, in)
 aten.view.default(aten.addmm.default, [#, #, #])
-aten.t.default(aten.slice.Tensor)
+aten.t.default(glu_fusion.swiglu_dh.default)
 aten.mm.default(aten.t.default, aten.view.default)
-aten.t.default(aten.slice.Tensor)
-aten.mm.default(aten.t.default, aten.view.default)
-return (aten.mm.default, aten.view.default, aten.mm.default)""")
+aten.slice.Tensor(aten.mm.default, #, #, #)
+aten.slice.Tensor(aten.mm.default, #, #, #)
+return (aten.slice.Tensor, aten.view.default, aten.slice.Tensor)""")
 
     def test_packed_chunk_with_bias(self):
         cap = self.run_graphs(PackedMLP(), torch.randn(4, 16))
@@ -190,13 +247,11 @@ aten.mm.default(aten.slice.Tensor, in)
 aten.slice.Tensor(getitem, #, #, #)
 aten.addmm.default(aten.mm.default, aten.slice.Tensor, in)
 aten.view.default(aten.addmm.default, [#, #, #])
-aten.slice.Tensor(getitem, #, #, #)
-aten.t.default(aten.slice.Tensor)
+aten.t.default(getitem)
 aten.mm.default(aten.t.default, aten.view.default)
-aten.slice.Tensor(getitem, #, #, #)
-aten.t.default(aten.slice.Tensor)
-aten.mm.default(aten.t.default, aten.view.default)
-return (aten.mm.default, aten.view.default, aten.mm.default)""")
+aten.slice.Tensor(aten.mm.default, #, #, #)
+aten.slice.Tensor(aten.mm.default, #, #, #)
+return (aten.slice.Tensor, aten.view.default, aten.slice.Tensor)""")
 
     def test_inference_saves_no_preactivation(self):
         cap = Captured()

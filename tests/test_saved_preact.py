@@ -71,15 +71,15 @@ class TestSavedPreact(expecttest.TestCase):
         self.assertExpectedInline(text, """\
 glu_fusion.swiglu_dh_inplace.default(in, in)
 aten.slice.Tensor(in, #, #, #)
-aten.slice.Tensor(in, #, #, #)
 aten.mm.default(aten.slice.Tensor, in)
+aten.slice.Tensor(in, #, #, #)
 aten.addmm.default(aten.mm.default, aten.slice.Tensor, in)
 view(aten.addmm.default, [#, #, #])
-t(aten.slice.Tensor)
+t(in)
 aten.mm.default(t, in)
-t(aten.slice.Tensor)
-aten.mm.default(t, in)
-return (aten.mm.default, view, aten.mm.default)""")
+aten.slice.Tensor(aten.mm.default, #, #, #)
+aten.slice.Tensor(aten.mm.default, #, #, #)
+return (aten.slice.Tensor, view, aten.slice.Tensor)""")
 
     def test_packed_concat_rewritten_interleaved_kept(self):
         seen, got, ref = self.run_module(Packed(), torch.randn(7, 16))

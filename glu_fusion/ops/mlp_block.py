@@ -88,8 +88,11 @@ def _(x, weight, bias, layout, w_down, b_down, save_preact):
 
 # --- the backward GEMM with the gate's backward in its epilogue ----------------------------------
 
-#: The fused backward GEMM where it serves (benchmarks turn it off to measure what it saves).
-FUSED_DGATED = True
+#: The fused backward GEMM (Triton, persistent TMA, the gate's backward in its epilogue).  Off by
+#: default: on the H200 it ran at 0.68-0.73x the speed of cuBLAS's GEMM followed by one
+#: elementwise pass for dG, dU and h (benchmarks/NOTES.md, "GEMM kernels"); the benchmarks
+#: switch it on to compare.
+FUSED_DGATED = False
 
 def _fused_dgated_serves(dout2d: Tensor, w_down: Tensor, *outputs: Optional[Tensor]) -> bool:
     """The fused kernel needs the Triton kernels for this device, operands the copy engine can

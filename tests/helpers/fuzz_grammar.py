@@ -318,7 +318,7 @@ def grouped_gated_norm(group: int, norm_before_gate: bool):
 def norm_spellings() -> dict[str, Callable]:
     """Gated-norm spellings the pass matches: fn(x, z, w, eps).  The ungrouped ones are the real
     model spellings of the op tests; grouped ones are named ``grouped<G>_<order>``."""
-    from test_rms_norm_gated_cases import SPELLINGS
+    from helpers.norm_cases import SPELLINGS
 
     table = {s.name: s.fn for s in SPELLINGS if s.group is None}
     for group in (4, 8, 16):
