@@ -37,7 +37,7 @@ esac
 for stage in $stages; do
   start=$(date +%s)
   case "$stage" in
-    tests) python3 -m pytest -q -m gpu tests -rs -p no:cacheprovider 2>&1 | tee /tmp/gpu_tests.log | tail -40 ;;
+    tests) python3 -m pytest -q -m gpu tests -rfs --tb=line -p no:logging -p no:cacheprovider 2>&1 | tee /tmp/gpu_tests.log | grep -v "^DEBUG" | tail -40 ;;
     cpu) python3 -m pytest -q -n 8 -m "not gpu" tests -p no:cacheprovider 2>&1 | tail -15 ;;
     graphs) python3 -m pytest -q -m "not gpu" tests/test_pass_snapshots.py tests/test_saved_preact.py \
               tests/test_graph_ops.py tests/test_swiglu_ops.py -p no:cacheprovider 2>&1 | tee "$OUT/graph_tests.log" | tail -15 ;;

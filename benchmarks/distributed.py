@@ -107,7 +107,10 @@ from glu_fusion.demo import DemoConfig, TinyLlama  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # Forward ops of the SwiGLU family, as the profiler names them (graph twins end in "_nograd").
-FORWARD_OPS = ("glu_fusion::swiglu", "glu_fusion::swiglu_packed", "glu_fusion::swiglu_preact")
+FORWARD_OPS = ("glu_fusion::swiglu", "glu_fusion::swiglu_packed", "glu_fusion::swiglu_preact",
+               "glu_fusion::mlp_block", "glu_fusion::mlp_block_packed")
+#: Report families that fuse an MLP (the whole block, or the SwiGLU alone).
+MLP_FAMILIES = ("mlp_block", "swiglu")
 
 
 @dataclasses.dataclass
@@ -357,7 +360,7 @@ def verdict(args, world: int, gathered: list) -> dict:
                                 f"at {pair['grad_worst']}")
         glu = per["results"].get("glu_fusion")
         if glu and not glu["error"]:
-            rewritten = glu["report_counts"].get("swiglu", 0) >= 1
+            rewritten = sum(glu["report_counts"].get(f, 0) for f in MLP_FAMILIES) >= 1
             checks[f"rank{rank}_pass_rewrote_mlp"] = rewritten
             if not rewritten:
                 failures.append(f"rank {rank}: the pass rewrote no MLP (report {glu['report_counts']})")

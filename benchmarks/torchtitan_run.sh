@@ -3,10 +3,10 @@
 # from the same seed: plain compile, then GLU_FUSION=1 (the pass through the torch.backends entry
 # point, torchtitan unchanged).  Loss, tokens/s, peak memory and rewrites per rank go to $OUT.
 #
-# Needs, in .whl/ (git-ignored, carried to the GPU machine), for Python 3.12 and torch 2.11:
+# Needs, in .whl/titan/ (git-ignored, carried to the GPU machine), for Python 3.12 and torch 2.11:
 #   torchtitan-0.2.2, torchdata-0.11.0, datasets-4.4.1, dill-0.4.0, multiprocess-0.70.18,
 #   fsspec-2025.10.0, tyro-1.0.17, docstring_parser-0.18.0, typeguard-4.6.1, shtab-1.13.0,
-#   tomli-2.5.0 wheels, and .whl/torchtitan_assets/tokenizer/{tokenizer.json,tokenizer_config.json}
+#   tomli-2.5.0 wheels, and .whl/titan/torchtitan_assets/tokenizer/{tokenizer.json,tokenizer_config.json}
 #   (torchtitan's test tokenizer, from its repository's tests/assets/tokenizer).
 # Settings (environment): NPROC=2 STEPS=20 FLAVOR=debugmodel SEQ=2048 BATCH=8 AC=selective
 set -uo pipefail
@@ -23,7 +23,7 @@ NPROC=${NPROC:-2}; STEPS=${STEPS:-20}; FLAVOR=${FLAVOR:-debugmodel}
 SEQ=${SEQ:-2048}; BATCH=${BATCH:-8}; AC=${AC:-selective}
 WORK=${WORK:-/tmp/torchtitan_run}; mkdir -p "$WORK/c4_test"
 
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/titan/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD
 # The GLU_FUSION entry point needs the package installed, not only importable.
 python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . 2>&1 | tail -3
@@ -42,7 +42,7 @@ run() {  # run NAME [VAR=VALUE ...]: one training run, console log to $OUT/torch
   local start; start=$(date +%s)
   env "$@" python3 -m torch.distributed.run --standalone --nproc-per-node "$NPROC" --tee 3 \
     -m torchtitan.train \
-    --model.name llama3 --model.flavor "$FLAVOR" --model.hf_assets_path .whl/torchtitan_assets/tokenizer \
+    --model.name llama3 --model.flavor "$FLAVOR" --model.hf_assets_path .whl/titan/torchtitan_assets/tokenizer \
     --training.dataset c4_test --training.dataset_path "$WORK/c4_test" \
     --training.steps "$STEPS" --training.seq_len "$SEQ" --training.local_batch_size "$BATCH" \
     --lr_scheduler.warmup_steps 2 --activation_checkpoint.mode "$AC" \
