@@ -4,3 +4,4 @@ Importing this package registers every op; it is idempotent and cheap.
 """
 from . import swiglu  # noqa: F401  (registers glu_fusion::swiglu*)
 from . import rms_norm_gated  # noqa: F401,E402  (registers glu_fusion::rms_norm_gated*)
+from . import rms_norm  # noqa: F401,E402  (registers glu_fusion::rms_norm*)
