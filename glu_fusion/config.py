@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["enabled_by_env", "rewrite_devices", "recompute", "forward_tma", "forward", "backward", "cached_launch", "graph_ops", "settings_key"]
+__all__ = ["enabled_by_env", "rewrite_devices", "recompute", "forward_tma", "forward", "backward", "cached_launch", "graph_ops", "rms_norm", "settings_key"]
 
 
 def _env_flag(name: str, default: bool = False) -> bool:
@@ -75,6 +75,12 @@ cached_launch: bool = _env_flag("GLU_FUSION_CACHED_LAUNCH", default=True)
 graph_ops: bool = _env_flag("GLU_FUSION_GRAPH_OPS", default=True)
 
 
+#: ``GLU_FUSION_RMS_NORM`` (default 1): rewrite RMSNorms (with their residual add) into
+#: ``glu_fusion::rms_norm`` where ``patterns/rms_norm.worth_rewriting`` allows; ``0`` leaves
+#: them to Inductor.
+rms_norm: bool = _env_flag("GLU_FUSION_RMS_NORM", default=True)
+
+
 def settings_key() -> str:
     """The settings that change what the pass writes into a graph, as a stable string."""
-    return f"devices={','.join(rewrite_devices)};recompute={int(recompute)};backward={backward}"
+    return f"devices={','.join(rewrite_devices)};recompute={int(recompute)};backward={backward};rms_norm={int(rms_norm)}"
