@@ -120,7 +120,7 @@ def test_every_op_has_a_twin_with_its_schema():
     names = {op.name() for op in GRAPH_TWINS}
     assert names == {f"glu_fusion::{n}" for n in (
         "swiglu", "swiglu_packed", "swiglu_preact", "swiglu_dx", "swiglu_dh", "swiglu_dh_inplace", "swiglu_dw",
-        "swiglu_packed_dw", "rms_norm_gated", "rms_norm_gated_backward")}
+        "swiglu_packed_dw", "rms_norm_gated", "rms_norm_gated_backward", "rms_norm", "rms_norm_backward")}
     for op, twin in GRAPH_TWINS.items():
         assert twin.name() == op.name() + "_nograd"
         assert str(twin._schema).replace("_nograd(", "(", 1) == str(op._schema)

@@ -248,3 +248,17 @@ def test_dynamic_batch_is_rewritten(norm_rewrites):
         for a, b in zip(compiled(x, r, w), fn(x, r, w)):
             torch.testing.assert_close(a, b)
     assert [g.counts() for g in norm_rewrites.graphs] == [{"rms_norm": 1}] * 2
+
+
+def test_compiled_code_calls_the_autograd_free_twins(norm_rewrites):
+    """Inductor's generated forward and backward call ``rms_norm_nograd`` and
+    ``rms_norm_backward_nograd`` (the post-grad swap), and nothing else of ours."""
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+    fn = _layer(hf_llama, True)
+    x, r, w = _inputs(torch.float32, requires_grad=True)
+    compiled = torch.compile(fn, backend=glu_fusion.backend)
+    _, codes = run_and_get_code(lambda: torch.autograd.grad(sum(t.sum() for t in compiled(x, r, w)), (x, r, w)))
+    calls = [c for code in codes for c in re.findall(r"torch\.ops\.glu_fusion\.(\w+)\.default\(", code)]
+    assert calls == ["rms_norm_nograd", "rms_norm_backward_nograd"]
