@@ -262,3 +262,21 @@ def test_compiled_code_calls_the_autograd_free_twins(norm_rewrites):
     _, codes = run_and_get_code(lambda: torch.autograd.grad(sum(t.sum() for t in compiled(x, r, w)), (x, r, w)))
     calls = [c for code in codes for c in re.findall(r"torch\.ops\.glu_fusion\.(\w+)\.default\(", code)]
     assert calls == ["rms_norm_nograd", "rms_norm_backward_nograd"]
+
+
+def test_two_layers_chain_their_residual_streams(norm_rewrites):
+    """Layer 2's residual add reads layer 1's sum: both adds move into their ops, and layer 2's
+    op reads layer 1's h."""
+    w1, w2 = torch.randn(D), torch.randn(D)
+
+    def fn(x, r):
+        h1 = x + r
+        y1 = hf_llama(h1, w1) * 3.0
+        h2 = h1 + y1
+        return hf_llama(h2, w2), h2
+
+    x, r = torch.randn(2, 5, D), torch.randn(2, 5, D)
+    got = torch.compile(fn, backend=glu_fusion.backend)(x, r)
+    for a, b in zip(got, fn(x, r)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert norm_rewrites.counts() == {"rms_norm": 2}
