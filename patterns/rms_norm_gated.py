@@ -177,7 +177,7 @@ def _downstream(h: fx.Node, site: _Site) -> None:
             site.nodes.append(nxt)
             h = nxt
             continue
-        args = _binary(nxt, _MUL_F, _MUL_M)
+        args = _binary(nxt, _MUL_F, _MUL_M) or _in_place_product(nxt, h)
         other = _other(args, h) if args else None
         if not isinstance(other, fx.Node):
             break
@@ -191,6 +191,14 @@ def _downstream(h: fx.Node, site: _Site) -> None:
             continue
         break
     site.out = h
+
+
+def _in_place_product(node, h: fx.Node) -> Optional[tuple]:
+    """``h *= t`` (``operator.imul``) on the site's own intermediate ``h``, whose only reader it
+    is: the same value as ``h * t`` (nothing else sees ``h`` change)."""
+    if _is(node, (operator.imul,)) and len(node.args) == 2 and not node.kwargs and node.args[0] is h:
+        return node.args
+    return None
 
 
 def _weight(node: fx.Node, site: _Site) -> bool:
