@@ -3,6 +3,8 @@ add moved into the op when there is one), compiled training steps equal to eager
 left alone, and the family's switch and rewrite gate obeyed."""
 from __future__ import annotations
 
+import operator
+
 import pytest
 import torch
 import torch.nn as nn
@@ -215,7 +217,7 @@ def test_broadcast_add_is_not_taken_as_residual(norm_rewrites, dynamo_graph):
     gm = dynamo_graph(_broadcast_add, *_inputs(torch.bfloat16))
     GluPass()(gm.graph)
     [op] = _ops(gm)
-    assert op.args[2] is None and op.args[0].target in (torch.add, __import__("operator").add)
+    assert op.args[2] is None and op.args[0].target in (torch.add, operator.add)
 
 
 def test_switch_off_leaves_norms_to_inductor(norm_rewrites, dynamo_graph, monkeypatch):
