@@ -15,7 +15,7 @@ from .grouped_reference import GPTOSS_ALPHA, GPTOSS_LIMIT
 from .layouts import LAYOUTS
 
 __all__ = ["swiglu", "swiglu_packed", "mlp_block", "mlp_block_packed", "grouped_swiglu", "grouped_swiglu_packed",
-           "rms_norm_gated"]
+           "rms_norm", "rms_norm_gated"]
 
 
 def swiglu(x: Tensor, w_gate: Tensor, w_up: Tensor, bias_gate: Optional[Tensor] = None,
@@ -103,6 +103,19 @@ def grouped_swiglu_packed(x: Tensor, offsets: Tensor, weight: Tensor, bias: Opti
     save = _save_preact(x, weight, bias)
     return grouped_ops.grouped_swiglu_packed(x, offsets, weight, bias, LAYOUTS[layout], activation, float(alpha),
                                              float(limit), save)[0]
+
+
+def rms_norm(x: Tensor, weight: Optional[Tensor] = None, eps: float = 1e-6, residual: Optional[Tensor] = None,
+             *, weight_offset: float = 0.0, downcast: str = "none") -> tuple[Tensor, Tensor]:
+    """``(y, h)``: ``h = x + residual`` (x itself without one) and ``y = rmsnorm(h)·(weight +
+    weight_offset)`` over the last dimension, computed in fp32 and returned in x's dtype.
+    ``weight_offset=1.0`` gives Gemma's ``(1 + w)``; ``downcast`` reproduces an eager spelling's
+    roundings (module docstring of ``glu_fusion.ops.rms_norm``).  Differentiable in x, weight and
+    residual, through both outputs."""
+    from .ops import rms_norm as norm_ops
+
+    y, h, _ = norm_ops.rms_norm(x, weight, residual, float(eps), float(weight_offset), downcast)
+    return y, (h if residual is not None else x)
 
 
 def rms_norm_gated(x: Tensor, z: Tensor, weight: Optional[Tensor] = None, eps: float = 1e-6,

@@ -141,3 +141,49 @@ def rms_norm_gated_backward(dy: Tensor, x: Tensor, z: Tensor, weight: Optional[T
     if weight is not None:
         dw = w_src.reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
     return dx.flatten(-2).to(x.dtype), dz.flatten(-2).to(x.dtype), dw
+
+
+# ---------------------------------------------------------------------------------------------
+# RMSNorm with the residual add: h = x + residual; y = rmsnorm(h)·(w + offset)
+# ---------------------------------------------------------------------------------------------
+
+
+def rms_norm(x: Tensor, weight: Optional[Tensor], residual: Optional[Tensor], eps: float,
+             weight_offset: float = 0.0, downcast: str = "none") -> tuple[Tensor, Tensor, Tensor]:
+    """Reference forward: ``(y, h, rstd)``; ``h = x + residual`` in x's dtype (x itself without a
+    residual), y in x's dtype, rstd ``[...]`` in the compute dtype.  ``downcast`` places the
+    roundings as for ``rms_norm_gated`` (see ``glu_fusion.ops.rms_norm``).  Differentiable."""
+    h = x + residual if residual is not None else x
+    dt = h.dtype
+    cd = torch.promote_types(dt, torch.float32)
+    hf = h.to(cd)
+    rstd = torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)
+    n = hf * rstd
+    if downcast == "before_weight":
+        n = _round(n, dt)
+    if weight is not None:
+        w_eff = weight.to(cd) + weight_offset
+        if downcast != "none" and weight_offset != 0.0:
+            w_eff = _round(w_eff, weight.dtype)
+        n = n * w_eff
+        if downcast == "after_weight" or (downcast == "before_weight"
+                                          and torch.promote_types(dt, weight.dtype) == dt):
+            n = _round(n, dt)
+    return n.to(dt), h, rstd.squeeze(-1)
+
+
+def rms_norm_backward(dy: Tensor, dh: Optional[Tensor], h: Tensor, weight: Optional[Tensor], rstd: Tensor,
+                      weight_offset: float) -> tuple[Tensor, Optional[Tensor]]:
+    """Explicit gradients ``(dh_total, dweight)`` from the saved ``h`` and ``rstd``: the gradient
+    reaching ``h`` through the norm plus ``dh`` (the gradient of the ``h`` output), which is
+    both dx and dresidual.  fp32 math (float64 for float64), roundings taken as identity."""
+    cd = torch.promote_types(h.dtype, torch.float32)
+    hf, df = h.to(cd), dy.to(cd)
+    r = rstd.to(cd).unsqueeze(-1)
+    n = hf * r
+    dn = df * (weight.to(cd) + weight_offset) if weight is not None else df
+    ds = (dn - n * (dn * n).mean(-1, keepdim=True)) * r
+    if dh is not None:
+        ds = ds + dh.to(cd)
+    dw = (df * n).reshape(-1, h.shape[-1]).sum(0).to(weight.dtype) if weight is not None else None
+    return ds.to(h.dtype), dw

@@ -20,7 +20,7 @@ Adding a family is one line: import its module and append its ``FAMILY`` to ``FA
 """
 from __future__ import annotations
 
-from . import _common, experts, rms_norm_gated, swiglu
+from . import _common, experts, rms_norm, rms_norm_gated, swiglu
 from ._common import Family
 
 __all__ = ["FAMILIES", "Family", "register_all", "source_files"]
@@ -29,6 +29,7 @@ __all__ = ["FAMILIES", "Family", "register_all", "source_files"]
 FAMILIES: list[Family] = [
     swiglu.FAMILY,
     rms_norm_gated.FAMILY,
+    rms_norm.FAMILY,  # after the gated family: both anchor on rsqrt, a gated norm is theirs
     experts.FAMILY,
 ]
 

@@ -160,10 +160,10 @@ def _other(args, node):
     return b if a is node else (a if b is node else None)
 
 
-def _downstream(h: fx.Node, site: _Site) -> None:
-    """Cast, weight, cast, gate, cast after the normalised value ``h``, in that order."""
+def _downstream(h: fx.Node, site: _Site, stage: int = 0) -> None:
+    """Cast, weight, cast, gate, cast after the normalised value ``h``, in that order, from
+    ``stage`` on (0: before the weight, 1: after it, 2: after the gate)."""
     tx = fake(site.x)
-    stage = 0  # 0: before weight, 1: after weight, 2: after gate
     while True:
         nxt = _single_user(h)
         if nxt is None:
@@ -177,7 +177,7 @@ def _downstream(h: fx.Node, site: _Site) -> None:
             site.nodes.append(nxt)
             h = nxt
             continue
-        args = _binary(nxt, _MUL_F, _MUL_M)
+        args = _binary(nxt, _MUL_F, _MUL_M) or _in_place_product(nxt, h)
         other = _other(args, h) if args else None
         if not isinstance(other, fx.Node):
             break
@@ -191,6 +191,14 @@ def _downstream(h: fx.Node, site: _Site) -> None:
             continue
         break
     site.out = h
+
+
+def _in_place_product(node, h: fx.Node) -> Optional[tuple]:
+    """``h *= t`` (``operator.imul``) on the site's own intermediate ``h``, whose only reader it
+    is: the same value as ``h * t`` (nothing else sees ``h`` change)."""
+    if _is(node, (operator.imul,)) and len(node.args) == 2 and not node.kwargs and node.args[0] is h:
+        return node.args
+    return None
 
 
 def _weight(node: fx.Node, site: _Site) -> bool:
@@ -250,8 +258,13 @@ def _from_rsqrt(match: Match) -> Optional[_Site]:
     site.eps = eps
     site.nodes += [sq, var, anchor.args[0], anchor] + ([inv] if inv is not anchor else []) + [prod]
     grouped = _group_view(s)
+    grouped_weight = None
     if grouped is not None:  # s = x.view(..., G, D // G): normalise each group (Mamba-2)
         ungroup = _single_user(prod)
+        grouped_weight = _grouped_weight_product(ungroup, prod, grouped[1])
+        if grouped_weight is not None:  # w.view(G, D // G) * normed, then the merge
+            site.nodes += list(grouped_weight[1:])
+            ungroup = _single_user(grouped_weight[1])
         if ungroup is None or not _is_ungroup(ungroup, grouped[0]):
             return None
         site.group_size = grouped[1]
@@ -262,8 +275,23 @@ def _from_rsqrt(match: Match) -> Optional[_Site]:
         return None
     if s is not site.x:
         site.nodes.append(s)
-    _downstream(prod, site)
+    if grouped_weight is not None and not _weight(grouped_weight[0], site):
+        return None
+    _downstream(prod, site, stage=1 if grouped_weight is not None else 0)
     return site
+
+
+def _grouped_weight_product(node, normed: fx.Node, group: int) -> Optional[tuple]:
+    """``(w, product, view)`` for ``w.view(G, group) * normed`` (or ``reshape``, either order):
+    the weight applied while the normalised value is still grouped."""
+    args = _binary(node, _MUL_F, _MUL_M) if node is not None else None
+    view = _other(args, normed) if args else None
+    if not (_is(view, (torch.reshape,), ("view", "reshape")) and isinstance(view.args[0], fx.Node)):
+        return None
+    tv, tw = fake(view), fake(view.args[0])
+    if tv is None or tw is None or tw.dim() != 1 or tv.dim() != 2 or tv.shape[-1] != group:
+        return None
+    return view.args[0], node, view
 
 
 _VIEWS_M = ("view", "reshape", "unflatten")

@@ -1,0 +1,204 @@
+"""Graph snapshots of the RMSNorm family, rendered as in tests/test_pass_snapshots.py: the
+decoder-layer residual + norm, Gemma's norm, ``nn.RMSNorm``, and look-alikes that must stay.
+Regenerate with ``EXPECTTEST_ACCEPT=1 python -m pytest tests/test_rms_norm_snapshots.py``."""
+from __future__ import annotations
+
+import expecttest
+import pytest
+import torch
+import torch.nn as nn
+
+import glu_fusion.patterns.rms_norm as family
+from glu_fusion.compile.report import REPORT
+
+from test_pass_snapshots import Captured
+
+
+class LlamaRMSNorm(nn.Module):
+    """HF Llama / Qwen3 ``RMSNorm``."""
+
+    def __init__(self, d=16, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states):
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+
+class GemmaRMSNorm(nn.Module):
+    """HF Gemma ``RMSNorm``: zero-centred weight, ``(1 + w)`` in fp32."""
+
+    def __init__(self, d=16, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(d))
+
+    def forward(self, x):
+        xf = x.float()
+        output = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        output = output * (1.0 + self.weight.float())
+        return output.type_as(x)
+
+
+class DecoderSlice(nn.Module):
+    """The residual add, the norm, a projection, and the sum carried on as the next residual."""
+
+    def __init__(self, norm, d=16):
+        super().__init__()
+        self.norm = norm
+        self.proj = nn.Linear(d, d, bias=False)
+
+    def forward(self, x):
+        residual = x
+        hidden = x * 2.0  # stands in for the attention block
+        hidden = residual + hidden
+        residual = hidden
+        return residual + self.proj(self.norm(hidden))
+
+
+class L2Norm(nn.Module):
+    def __init__(self, d=16):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, x):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).sum(-1, keepdim=True) + 1e-6) * self.weight).to(x.dtype)
+
+
+class NormedReused(LlamaRMSNorm):
+    """The normalised value has another user before the weight."""
+
+    def forward(self, x):
+        xf = x.float()
+        n = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * n.to(x.dtype) + n.mean()
+
+
+@pytest.fixture
+def capture(cpu_rewrites, monkeypatch):
+    monkeypatch.setattr(family, "REWRITE_DEVICE_TYPES", ("cuda", "cpu"))
+
+    def run(module, x):
+        cap = Captured()
+        torch.compile(module, backend=cap, fullgraph=True)(x.requires_grad_()).sum().backward()
+        return cap
+
+    return run
+
+
+class TestRMSNormSnapshots(expecttest.TestCase):
+    @pytest.fixture(autouse=True)
+    def _capture(self, capture):
+        self.run_graphs = capture
+
+    def test_llama_residual_norm_training_graphs(self):
+        cap = self.run_graphs(DecoderSlice(LlamaRMSNorm()), torch.randn(2, 3, 16))
+        self.assertExpectedInline(cap.pre_grad, """\
+mul(in, 2.0)
+glu_fusion.rms_norm.default(in, in, mul, 1e-06, 0.0, 'none')
+getitem(glu_fusion.rms_norm.default, 0)
+getitem(glu_fusion.rms_norm.default, 1)
+linear(getitem, in, None)
+add(getitem, linear)
+return (add)""")
+        self.assertExpectedInline(cap.forward, """\
+aten.mul.Tensor(in, 2.0)
+glu_fusion.rms_norm.default(in, in, aten.mul.Tensor, 1e-06, 0.0, 'none')
+getitem(glu_fusion.rms_norm.default, 0)
+getitem(glu_fusion.rms_norm.default, 1)
+getitem(glu_fusion.rms_norm.default, 2)
+aten.detach.default(getitem)
+aten.t.default(in)
+aten.view.default(getitem, [#, #])
+aten.mm.default(aten.view.default, aten.t.default)
+aten._unsafe_view.default(aten.mm.default, [#, #, #])
+aten.add.Tensor(getitem, aten._unsafe_view.default)
+return (aten.add.Tensor, in, getitem, aten.detach.default, aten.t.default, aten.view.default)""")
+        self.assertExpectedInline(cap.backward, """\
+aten.view.default(in, [#, #])
+aten.t.default(aten.view.default)
+aten.mm.default(aten.t.default, in)
+aten.t.default(aten.mm.default)
+aten.t.default(in)
+aten.mm.default(aten.view.default, aten.t.default)
+aten.view.default(aten.mm.default, [#, #, #])
+aten.t.default(aten.t.default)
+aten.detach.default(in)
+glu_fusion.rms_norm_backward.default(aten.view.default, in, aten.detach.default, in, in, 0.0, True)
+getitem(glu_fusion.rms_norm_backward.default, 0)
+getitem(glu_fusion.rms_norm_backward.default, 1)
+aten.mul.Tensor(getitem, 2.0)
+aten.add.Tensor(getitem, aten.mul.Tensor)
+return (aten.add.Tensor, getitem, aten.t.default)""")
+        assert REPORT.counts() == {"rms_norm": 1}
+
+    def test_gemma_bf16(self):
+        cap = self.run_graphs(DecoderSlice(GemmaRMSNorm()).bfloat16(), torch.randn(2, 3, 16, dtype=torch.bfloat16))
+        self.assertExpectedInline(cap.pre_grad, """\
+mul(in, 2.0)
+glu_fusion.rms_norm.default(in, in, mul, 1e-06, 1.0, 'none')
+getitem(glu_fusion.rms_norm.default, 0)
+getitem(glu_fusion.rms_norm.default, 1)
+linear(getitem, in, None)
+add(getitem, linear)
+return (add)""")
+
+    def test_nn_rms_norm_without_residual(self):
+        cap = self.run_graphs(nn.RMSNorm(16, eps=1e-5), torch.randn(2, 3, 16))
+        self.assertExpectedInline(cap.pre_grad, """\
+glu_fusion.rms_norm.default(in, in, None, 1e-05, 0.0, 'none')
+getitem(glu_fusion.rms_norm.default, 0)
+return (getitem)""")
+        self.assertExpectedInline(cap.backward, """\
+aten.detach.default(in)
+glu_fusion.rms_norm_backward.default(in, None, in, in, aten.detach.default, 0.0, True)
+getitem(glu_fusion.rms_norm_backward.default, 0)
+getitem(glu_fusion.rms_norm_backward.default, 1)
+return (getitem, getitem)""")
+
+    def test_layer_norm_unchanged(self):
+        cap = self.run_graphs(DecoderSlice(nn.LayerNorm(16)), torch.randn(2, 3, 16))
+        self.assertExpectedInline(cap.pre_grad, """\
+mul(in, 2.0)
+add(in, mul)
+layer_norm(add, (#), in, in, 1e-05)
+linear(layer_norm, in, None)
+add(add, linear)
+return (add)""")
+        assert REPORT.total == 0
+
+    def test_l2_norm_unchanged(self):
+        cap = self.run_graphs(L2Norm(), torch.randn(2, 3, 16))
+        self.assertExpectedInline(cap.pre_grad, """\
+.float(in)
+.pow(.float, 2)
+.sum(.pow, -1, keepdim=True)
+add(.sum, 1e-06)
+rsqrt(add)
+mul(.float, rsqrt)
+mul(mul, in)
+.to(mul, float32)
+return (.to)""")
+        assert REPORT.total == 0
+
+    def test_normalised_value_with_another_user_unchanged(self):
+        cap = self.run_graphs(NormedReused(), torch.randn(2, 3, 16))
+        self.assertExpectedInline(cap.pre_grad, """\
+.float(in)
+.pow(.float, 2)
+.mean(.pow, -1, keepdim=True)
+add(.mean, 1e-06)
+rsqrt(add)
+mul(.float, rsqrt)
+.to(mul, float32)
+mul(in, .to)
+.mean(mul)
+add(mul, .mean)
+return (add)""")
+        assert REPORT.total == 0
