@@ -74,7 +74,7 @@ class GroupedExperts(nn.Module):
 
 def ours_op(module: GroupedExperts):
     """The block through the functional API (no compile): our op, then grouped_mm for the down."""
-    from glu_fusion.ops.grouped_swiglu import grouped_swiglu_api, grouped_swiglu_packed_api
+    from glu_fusion.functional import grouped_swiglu as grouped_swiglu_api, grouped_swiglu_packed as grouped_swiglu_packed_api
 
     def run(x, offs):
         if module.activation == "silu":

@@ -13,8 +13,10 @@
 #   bash benchmarks/device_run.sh gemm    our GEMM kernels alone against cuBLAS, with a tile-table sweep
 #   bash benchmarks/device_run.sh blocktests  GPU tests of the MLP-block ops alone
 #   bash benchmarks/device_run.sh moe     expert-block benchmark (--quick with "quick")
+#   bash benchmarks/device_run.sh rmsnorm residual + RMSNorm benchmark
 #   bash benchmarks/device_run.sh hf      training steps of transformers models (MODELS= to choose)
-#   bash benchmarks/device_run.sh dist    FSDP2 and DDP on two GPUs (torchrun), then FSDP2 with checkpointing
+#   bash benchmarks/device_run.sh dist    FSDP2 and DDP on two GPUs (torchrun; DIST_BACKENDS to choose)
+#   bash benchmarks/device_run.sh multigpu  the two-GPU tests
 #   bash benchmarks/device_run.sh tunenorm gated-norm tile and workspace sweep (not part of "all")
 #   bash benchmarks/device_run.sh tune    forward-kernel tile/schedule sweep (not part of "all")
 #   bash benchmarks/device_run.sh plots   PNG plots from the SwiGLU and gated-norm JSON
@@ -52,14 +54,16 @@ for stage in $stages; do
     block) python3 benchmarks/bench_mlp_block.py $quick --json "$OUT/mlp_block.json" --md "$OUT/mlp_block.md" \
              --profile "$OUT/mlp_block_profile.txt" 2>/tmp/block.err || tail -30 /tmp/block.err ;;
     gemm) python3 benchmarks/bench_gemm_kernels.py --json /tmp/gemm_kernels.json --md "$OUT/gemm_kernels.md" 2>/tmp/gemm.err || tail -30 /tmp/gemm.err ;;
+    multigpu) NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 python3 -m pytest -q -m multigpu \
+               tests/test_distributed.py -rfs --tb=line -p no:logging -p no:cacheprovider 2>&1 | tail -15 ;;
+    rmsnorm) python3 benchmarks/bench_rms_norm.py --json "$OUT/rms_norm.json" --md "$OUT/rms_norm.md" 2>/tmp/rmsnorm.err || tail -30 /tmp/rmsnorm.err ;;
     moe) python3 benchmarks/bench_moe.py $quick --json "$OUT/moe.json" --md "$OUT/moe.md" 2>/tmp/moe.err || tail -30 /tmp/moe.err ;;
     hf) python3 benchmarks/bench_hf.py --models "${MODELS:-llama,qwen3,qwen3_0p6b,qwen3_moe}" --json "$OUT/hf${TAG:-}.json" \
           --md "$OUT/hf${TAG:-}.md" 2>&1 | grep -v Warning | tail -40 ;;
     dist) export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
           python3 -m torch.distributed.run --standalone --nproc-per-node 2 benchmarks/distributed.py --mode fsdp2,ddp \
-            --json "$OUT/dist.json" --md "$OUT/dist.md" > /tmp/dist.log 2>&1; echo "dist rc=$?"; grep -v Warn /tmp/dist.log | tail -12
-          python3 -m torch.distributed.run --standalone --nproc-per-node 2 benchmarks/distributed.py --mode fsdp2 --ac \
-            --json /tmp/dist_ac.json --md "$OUT/dist_ac.md" > /tmp/dist_ac.log 2>&1; echo "dist_ac rc=$?"; grep -v Warn /tmp/dist_ac.log | tail -8 ;;
+            --backends "${DIST_BACKENDS:-eager,inductor,glu_fusion}" --json "$OUT/dist.json" --md "$OUT/dist.md" \
+            > "$OUT/dist.log" 2>&1; echo "dist rc=$?"; grep -v Warn "$OUT/dist.log" | tail -12 ;;
     blocktests) python3 -m pytest -q -m gpu tests/test_gpu_mlp_block.py -x -rs -p no:cacheprovider 2>&1 | tee "$OUT/gpu_block_tests.log" | tail -25 ;;
     e2e) python3 benchmarks/bench_e2e.py --json "$OUT/e2e.json" --md "$OUT/e2e.md" 2>/tmp/e2e.err || tail -20 /tmp/e2e.err ;;
   esac

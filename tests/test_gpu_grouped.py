@@ -69,7 +69,7 @@ def test_no_host_sync_on_the_routing():
     k, n = QWEN3_MOE
     problem = make_problem(None, k=k, n=n, dtype=torch.bfloat16, counts=skewed_counts(2048, 16, 1),
                            tail=3, device="cuda")
-    from glu_fusion.ops.grouped_swiglu import grouped_swiglu_api
+    from glu_fusion.functional import grouped_swiglu as grouped_swiglu_api
     out = grouped_swiglu_api(problem.x, problem.offsets, *problem.weights)   # compile the kernels
     out.backward(torch.ones_like(out))
     torch.cuda.synchronize()
@@ -131,7 +131,7 @@ def test_kernels_match_grouped_mm_where_available():
     offsets = offsets_of(counts).cuda()
     x = torch.randn(4096, k, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(e, 2 * n, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5
-    from glu_fusion.ops.grouped_swiglu import grouped_swiglu_packed_api
+    from glu_fusion.functional import grouped_swiglu_packed as grouped_swiglu_packed_api
     ours = grouped_swiglu_packed_api(x, offsets, w)
     h = torch._grouped_mm(x, w.transpose(-2, -1), offs=offsets)
     g, u = h.chunk(2, dim=-1)

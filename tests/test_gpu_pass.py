@@ -69,7 +69,7 @@ def test_bf16_training_matches_inductor_default_and_runs_our_kernels(cuda_rewrit
                 assert _rel(q.grad, p.grad) <= 6e-2, name
         opt_ours.step()
         opt_ref.step()
-    assert cuda_rewrites.counts() == {"swiglu": LAYERS}
+    assert cuda_rewrites.counts() == {"mlp_block": LAYERS}
 
     def train_step(compiled):
         return lambda: _loss(compiled, tokens).backward()
@@ -89,7 +89,7 @@ def test_bf16_training_matches_inductor_default_and_runs_our_kernels(cuda_rewrit
 def test_demo_main_job_on_gpu(cuda_rewrites, capsys):
     assert main(["--layers", "2"]) == 0
     out = capsys.readouterr().out
-    assert "swiglu=2" in out and "train step: glu_fusion" in out
+    assert "mlp_block=2" in out and "train step: glu_fusion" in out
 
 
 class _SwiGLU(torch.nn.Module):

@@ -13,37 +13,12 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch._dynamo.backends.common import aot_autograd
-from torch._functorch.aot_autograd import make_boxed_func
 
 import glu_fusion
 from glu_fusion.compile.pre_grad import GluPass
 from glu_fusion.compile.report import REPORT
-from helpers.graphs import render
+from helpers.graphs import Captured
 from helpers.models import GatedNormQwen3Next
-
-
-class Captured:
-    """A backend that runs the pass on the Dynamo graph, then AOTAutograd without decompositions,
-    keeping the three graphs' text."""
-
-    def __init__(self) -> None:
-        self.pre_grad = self.forward = self.backward = ""
-
-    def __call__(self, gm, example_inputs):
-        GluPass()(gm.graph)
-        gm.recompile()
-        self.pre_grad = render(gm.graph)
-
-        def fw(g, _):
-            self.forward = render(g.graph)
-            return make_boxed_func(g.forward)
-
-        def bw(g, _):
-            self.backward = render(g.graph)
-            return make_boxed_func(g.forward)
-
-        return aot_autograd(fw_compiler=fw, bw_compiler=bw)(gm, example_inputs)
 
 
 class LlamaMLP(nn.Module):

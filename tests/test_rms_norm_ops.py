@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from glu_fusion.ops.rms_norm import rms_norm_api
+import glu_fusion.ops  # noqa: F401  (registers the ops named below)
+from glu_fusion.functional import rms_norm as rms_norm_api
 
 from helpers.rms_norm_cases import EPS, SPELLINGS, TOLERANCE, check_against_float64, make_inputs
 
@@ -39,7 +40,7 @@ def test_nn_rms_norm_default_eps_is_fp32_epsilon():
 
 
 def test_fp32_weight_with_bf16_input_is_not_rounded_after_the_weight():
-    from rms_norm_cases import hf_llama
+    from helpers.rms_norm_cases import hf_llama
     x, w = torch.randn(4, 32).bfloat16(), torch.randn(32)
     assert torch.equal(rms_norm_api(x, w, EPS, downcast="before_weight")[0].float(),
                        hf_llama(x, w, EPS).to(torch.bfloat16).float())

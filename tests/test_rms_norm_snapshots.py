@@ -11,7 +11,7 @@ import torch.nn as nn
 import glu_fusion.patterns.rms_norm as family
 from glu_fusion.compile.report import REPORT
 
-from test_pass_snapshots import Captured
+from helpers.graphs import Captured
 
 
 class LlamaRMSNorm(nn.Module):

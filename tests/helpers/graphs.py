@@ -4,6 +4,10 @@ from __future__ import annotations
 import operator
 
 import torch
+from torch._dynamo.backends.common import aot_autograd
+from torch._functorch.aot_autograd import make_boxed_func
+
+from glu_fusion.compile.pre_grad import GluPass
 
 
 def _name(node: torch.fx.Node) -> str:
@@ -61,3 +65,26 @@ def render(graph: torch.fx.Graph) -> str:
         else:
             lines.append(f"{_name(node)}({', '.join(args)})")
     return "\n".join(lines)
+
+
+class Captured:
+    """A backend that runs the pass on the Dynamo graph, then AOTAutograd without decompositions,
+    keeping the three graphs' text."""
+
+    def __init__(self) -> None:
+        self.pre_grad = self.forward = self.backward = ""
+
+    def __call__(self, gm, example_inputs):
+        GluPass()(gm.graph)
+        gm.recompile()
+        self.pre_grad = render(gm.graph)
+
+        def fw(g, _):
+            self.forward = render(g.graph)
+            return make_boxed_func(g.forward)
+
+        def bw(g, _):
+            self.backward = render(g.graph)
+            return make_boxed_func(g.forward)
+
+        return aot_autograd(fw_compiler=fw, bw_compiler=bw)(gm, example_inputs)
