@@ -21,9 +21,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import glu_fusion
+from glu_fusion.patterns import experts as expert_patterns
 from _measure import bench, environment, peak_mb, write_results
 
 glu_fusion.config.rewrite_devices = ("cuda",)
+
+expert_patterns.REWRITE_DEVICE_TYPES = ("cuda",)  # the rewrite under test, off by default
 for _limit in ("cache_size_limit", "recompile_limit"):
     if hasattr(torch._dynamo.config, _limit):
         setattr(torch._dynamo.config, _limit, 64)

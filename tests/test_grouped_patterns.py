@@ -19,6 +19,13 @@ import glu_fusion
 import glu_fusion.ops  # noqa: F401  (registers the ops named below)
 from glu_fusion.compile.pre_grad import GluPass
 
+
+@pytest.fixture(autouse=True)
+def experts_rewrite_on(monkeypatch):
+    """The expert family is off by default (not measured faster); these tests switch it on."""
+    from glu_fusion.patterns import experts
+    monkeypatch.setattr(experts, "REWRITE_DEVICE_TYPES", ("cpu", "cuda"))
+
 pytestmark = pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="needs torch._grouped_mm")
 
 E, K, N = 3, 16, 8
@@ -188,3 +195,12 @@ def test_look_alikes_are_left_alone(name, cpu_rewrites, dynamo_graph):
         return
     assert _graph_text(gm) == before
     assert cpu_rewrites.total == 0
+
+
+def test_expert_blocks_stay_with_inductor_by_default(cpu_rewrites, dynamo_graph, monkeypatch):
+    from glu_fusion.patterns import experts
+    monkeypatch.setattr(experts, "REWRITE_DEVICE_TYPES", ())
+    case = CASES[0]
+    gm = dynamo_graph(Experts(case.fn), *_inputs())
+    GluPass()(gm.graph)
+    assert not cpu_rewrites.rewrites
