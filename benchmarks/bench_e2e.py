@@ -18,9 +18,11 @@ import torch
 import torch.nn.functional as F
 
 import glu_fusion
+import glu_fusion.patterns.routing
 from _measure import environment, write_results
 from glu_fusion.demo import DemoConfig, TinyLlama
 
+glu_fusion.patterns.routing.ROUTE_BY_MEASUREMENT = False  # measure our path on every shape, not the routed default
 CONFIG = DemoConfig(vocab=8192, dim=2048, hidden=8192, heads=16, layers=8, seq=2048, batch=4)
 
 

@@ -85,7 +85,9 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 
 import glu_fusion  # noqa: E402
+import glu_fusion.patterns.routing  # noqa: E402
 
+glu_fusion.patterns.routing.ROUTE_BY_MEASUREMENT = False  # measure our path on every shape, not the routed default
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _measure import environment, write_results  # noqa: E402
 

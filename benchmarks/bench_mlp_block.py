@@ -36,8 +36,10 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import glu_fusion  # noqa: E402
+import glu_fusion.patterns.routing  # noqa: E402
 from _measure import bench, copy_bandwidth, environment, host_ms_per_call, peak_mb, write_results  # noqa: E402
 
+glu_fusion.patterns.routing.ROUTE_BY_MEASUREMENT = False  # measure our path on every shape, not the routed default
 SHAPES = [(4096, 14336), (1024, 3072), (2048, 8192)]
 TOKENS = [1, 16, 128, 1024, 4096, 16384]
 QUICK_TOKENS = [16, 4096, 16384]

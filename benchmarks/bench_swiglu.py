@@ -18,9 +18,11 @@ import sys
 import torch
 
 import glu_fusion
+import glu_fusion.patterns.routing
 from _measure import (GatedMLP, apply_switches, bench, copy_bandwidth, eager_swiglu, environment, time_phases,
                       write_results)
 
+glu_fusion.patterns.routing.ROUTE_BY_MEASUREMENT = False  # measure our path on every shape, not the routed default
 SHAPES = [(4096, 14336), (1024, 3072), (2048, 8192)]
 TOKENS = [1, 16, 128, 1024, 4096, 16384]
 QUICK_SHAPES = [(4096, 14336), (1024, 3072)]

@@ -45,7 +45,7 @@ for stage in $stages; do
               tests/test_graph_ops.py tests/test_swiglu_ops.py -p no:cacheprovider 2>&1 | tee "$OUT/graph_tests.log" | tail -15 ;;
     swiglu) python3 benchmarks/bench_swiglu.py $quick --json "$OUT/swiglu.json" --md "$OUT/swiglu.md" 2>/tmp/swiglu.err || tail -20 /tmp/swiglu.err ;;
     norm) python3 benchmarks/bench_rms_norm_gated.py $quick --json "$OUT/norm.json" --md "$OUT/norm.md" 2>/tmp/norm.err || tail -20 /tmp/norm.err ;;
-    plots) python3 benchmarks/plot.py --swiglu "$OUT/swiglu.json" --norm "$OUT/norm.json" --out "$OUT" ;;
+    plots) python3 benchmarks/plot.py --swiglu "$OUT/swiglu.json" --norm "$OUT/norm.json" --block "$OUT/mlp_block.json" --out "$OUT" ;;
     paired) python3 benchmarks/paired.py --json "$OUT/paired.json" --md "$OUT/paired.md" 2>/tmp/paired.err || tail -20 /tmp/paired.err ;;
     host) python3 benchmarks/host_overhead.py 2>&1 | tee "$OUT/host_overhead.txt" | tail -120 ;;
     kernels) python3 benchmarks/kernel_times.py --out "$OUT/kernel_times.txt" 2>&1 | tail -60 ;;

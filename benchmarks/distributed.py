@@ -103,8 +103,10 @@ import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import glu_fusion  # noqa: E402
+import glu_fusion.patterns.routing  # noqa: E402
 from glu_fusion.demo import DemoConfig, TinyLlama  # noqa: E402
 
+glu_fusion.patterns.routing.ROUTE_BY_MEASUREMENT = False  # measure our path on every shape, not the routed default
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # Forward ops of the SwiGLU family, as the profiler names them (graph twins end in "_nograd").
 FORWARD_OPS = ("glu_fusion::swiglu", "glu_fusion::swiglu_packed", "glu_fusion::swiglu_preact",

@@ -25,8 +25,10 @@ import sys
 import torch
 
 import glu_fusion
+import glu_fusion.patterns.routing
 from _measure import GatedMLP, apply_switches, eager_gated_norm, environment, host_ms_per_call, write_results
 
+glu_fusion.patterns.routing.ROUTE_BY_MEASUREMENT = False  # measure our path on every shape, not the routed default
 SWIGLU_CASES = [(1024, 3072, m) for m in (1, 16, 128, 1024, 4096)] + [(4096, 14336, 1), (4096, 14336, 16)]
 NORM_CASES = [(128, 32), (128, 4096), (128, 131072)]
 CUDA_GRAPH_MAX_TOKENS = 1024

@@ -1,9 +1,9 @@
 """Plots from the benchmark JSON files: our time relative to Inductor's and to the floor.
 
-    python benchmarks/plot.py --swiglu swiglu.json --norm norm.json --out DIR
+    python benchmarks/plot.py --swiglu swiglu.json --norm norm.json --block mlp_block.json --out DIR
 
-Writes ``swiglu.png`` and ``rms_norm_gated.png``: one bar group per shape, bars for
-forward and forward+backward, y = time / Inductor time (below 1: we are faster).
+Writes ``swiglu.png``, ``rms_norm_gated.png`` and ``mlp_block.png``: one bar group per shape,
+bars for forward and forward+backward, y = time / Inductor time (below 1: we are faster).
 """
 from __future__ import annotations
 
@@ -46,10 +46,32 @@ def plot_family(path: str, out: str, png: str, title: str, label, ours: str) -> 
     fig.savefig(os.path.join(out, png), dpi=110)
 
 
+def plot_block(path: str, out: str) -> None:
+    """MLP block: the default path, the SwiGLU-only rewrite and the fused backward GEMM, GPU time
+    over Inductor's, forward and forward+backward."""
+    data = json.load(open(path))
+    rows, env = data["rows"], data["env"]
+    # Rows of that run named the default route "ours_unfused_bwd" and the epilogue GEMM "ours".
+    default = "ours" if "ours_fused_bwd_fwd_gpu_ms" in rows[0] else "ours_unfused_bwd"
+    fused = "ours_fused_bwd" if default == "ours" else "ours"
+    series = {}
+    for ph in ("fwd", "fwdbwd"):
+        for name, key in (("block (default)", default), ("SwiGLU only", "ours_swiglu"),
+                          ("block, fused bwd GEMM", fused)):
+            series[f"{name} {ph}"] = [r[f"{key}_{ph}_gpu_ms"] / r[f"inductor_{ph}_gpu_ms"] for r in rows]
+    fig, ax = plt.subplots(figsize=(13, 4.8))
+    _bars(ax, [f"{r['K']}→{r['N']} M={r['M']}" for r in rows], series,
+          f"MLP block bf16 (GPU time over Inductor's), {env['device']}, torch {env['torch']}, "
+          f"triton {env['triton']}, {env['date']}")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "mlp_block.png"), dpi=110)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--swiglu")
     parser.add_argument("--norm")
+    parser.add_argument("--block")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     if args.swiglu:
@@ -58,6 +80,8 @@ def main(argv=None) -> int:
     if args.norm:
         plot_family(args.norm, args.out, "rms_norm_gated.png", "Gated RMSNorm (ours = pass + op)",
                     lambda r: f"D={r['D']} rows={r['rows']}", "ours_backend")
+    if args.block:
+        plot_block(args.block, args.out)
     return 0
 
 

@@ -16,8 +16,10 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import glu_fusion
+import glu_fusion.patterns.routing
 from _measure import GatedMLP, eager_gated_norm, per_call_us
 
+glu_fusion.patterns.routing.ROUTE_BY_MEASUREMENT = False  # measure our path on every shape, not the routed default
 
 def norm_layers(d: int, rows: int) -> None:
     import cProfile

@@ -31,8 +31,9 @@ from torch._inductor.pattern_matcher import (MULTIPLE, CallFunction, CallMethod,
 from glu_fusion import config
 from glu_fusion.layouts import (CONCAT_GATE_FIRST, CONCAT_UP_FIRST, INTERLEAVED_GATE_EVEN,
                                INTERLEAVED_UP_EVEN)
-from glu_fusion.compile.report import REPORT, Rewrite
+from glu_fusion.compile.report import REPORT, Rewrite, log
 
+from .routing import mlp_rewrite_pays
 from ._common import (Family, common_tensor_kind, copy_meta, declared_kwargs_only, fake, module_path,
                       ordered_pure_span, same_shape, same_size, shape_str, site_resolves, source_line)
 
@@ -336,7 +337,23 @@ def _resolve(match: Match, form: str) -> Optional[_Site]:
         return None
     site.nodes = ordered
     site.spelling = f"{site.spelling}, {form}"
+    if _left_to_inductor(site, anchor):
+        return None
     return site
+
+
+def _left_to_inductor(site: _Site, anchor: fx.Node) -> bool:
+    """Whether the routing table sends this site to Inductor (logged once per site)."""
+    tx, traced = fake(site.x), fake(anchor)
+    if tx is None:
+        return False
+    tokens = 1
+    for d in tx.shape[:-1]:
+        tokens = tokens * d if isinstance(d, int) and isinstance(tokens, int) else None
+    reason = mlp_rewrite_pays(tx.device.type, tokens, traced is None or traced.requires_grad)
+    if reason is not None:
+        log.info("left %s at %s to Inductor: %s", NAME, source_line(anchor) or "?", reason)
+    return reason is not None
 
 
 def _check(match: Match, form: str) -> bool:

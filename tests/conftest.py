@@ -60,3 +60,11 @@ def dynamo_graph():
         return graphs[0]
 
     return grab
+
+
+@pytest.fixture(autouse=True)
+def rewrite_every_matched_site(monkeypatch):
+    """Tests exercise the rewrite on every shape: the measured routing table, which leaves CUDA
+    sites that measured no faster to Inductor, is tested on its own (test_routing.py)."""
+    from glu_fusion.patterns import routing
+    monkeypatch.setattr(routing, "ROUTE_BY_MEASUREMENT", False)

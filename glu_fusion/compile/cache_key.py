@@ -38,8 +38,8 @@ def settings_key() -> str:
     changes the backward graph AOTAutograd traces through the op's autograd formula) and the
     whole-block rewrite's (it changes what the pass writes)."""
     from ..ops import swiglu as swiglu_ops
-    from ..patterns import experts as expert_patterns, rms_norm as norm_patterns, swiglu as swiglu_patterns
-    return (f"{config.cache_key()};backward={swiglu_ops._BACKWARD};"
+    from ..patterns import experts as expert_patterns, rms_norm as norm_patterns, routing, swiglu as swiglu_patterns
+    return (f"{config.cache_key()};backward={swiglu_ops._BACKWARD};route={int(routing.ROUTE_BY_MEASUREMENT)};"
             f"block={int(swiglu_patterns.REWRITE_BLOCK)};rms_norm={','.join(norm_patterns.REWRITE_DEVICE_TYPES)};"
             f"experts={','.join(expert_patterns.REWRITE_DEVICE_TYPES)}")
 
