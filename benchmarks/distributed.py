@@ -127,6 +127,7 @@ class RunResult:
     median_step_ms: float = float("nan")
     tokens_per_s: float = float("nan")          # this rank's tokens per second
     peak_mem_gib: float = float("nan")
+    start_mem_gib: float = float("nan")         # allocated when the run began (earlier runs' leftovers)
     report_counts: dict = dataclasses.field(default_factory=dict)
     report_graphs: int = 0
     op_calls: dict = dataclasses.field(default_factory=dict)   # glu_fusion op events, one step
@@ -230,7 +231,7 @@ def autocast(args, device):
 
 
 def local_grads(model) -> dict[str, torch.Tensor]:
-    """This rank's gradients (its shard under FSDP2), detached copies in fp32."""
+    """This rank's gradients (its shard under FSDP2), detached fp32 copies in host memory."""
     out = {}
     for name, p in model.named_parameters():
         if p.grad is None:
@@ -238,7 +239,9 @@ def local_grads(model) -> dict[str, torch.Tensor]:
         g = p.grad
         if hasattr(g, "to_local"):
             g = g.to_local()
-        out[name.replace("_checkpoint_wrapped_module.", "")] = g.detach().float().clone()
+        # Kept on the host: copies left on the device by an earlier backend's run would count
+        # in the next backend's peak memory (a full fp32 gradient set under DDP).
+        out[name.replace("_checkpoint_wrapped_module.", "")] = g.detach().to("cpu", torch.float32, copy=True)
     return out
 
 
@@ -257,6 +260,7 @@ def train(args, cfg, backend: str, rank: int, world: int, device):
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
+        res.start_mem_gib = torch.cuda.memory_allocated(device) / 2**30
     model, wrapped, opt = build(args, cfg, backend, device)
     first_grads = None
     for step in range(args.steps):
