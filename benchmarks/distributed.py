@@ -73,6 +73,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=int, default=300,
                    help="collective timeout, seconds (a rank that failed alone stops the others then)")
+    p.add_argument("--bucket-mb", type=float, default=None,
+                   help="DDP bucket_cap_mb (default: DDP's 25); Dynamo's DDP optimizer splits the graph there")
+    p.add_argument("--ddp-split", action="store_true",
+                   help="keep Dynamo's DDP optimizer (graph split at bucket boundaries) for compiled runs")
     p.add_argument("--no-profile", action="store_true", help="skip the profiled step that counts op calls")
     p.add_argument("--json", default=None)
     p.add_argument("--md", default=None)
@@ -125,6 +129,7 @@ class RunResult:
     median_step_ms: float = float("nan")
     tokens_per_s: float = float("nan")          # this rank's tokens per second
     peak_mem_gib: float = float("nan")
+    start_mem_gib: float = float("nan")         # allocated when the run began (earlier runs' leftovers)
     report_counts: dict = dataclasses.field(default_factory=dict)
     report_graphs: int = 0
     op_calls: dict = dataclasses.field(default_factory=dict)   # glu_fusion op events, one step
@@ -208,8 +213,14 @@ def build(args, cfg: DemoConfig, backend: str, device):
         wrapped = model
     else:
         from torch.nn.parallel import DistributedDataParallel as DDP
+        # Dynamo's DDP optimizer cuts the graph at bucket boundaries and compiles each piece on
+        # its own; a 25 MiB bucket closes after every large linear, so gate, up and down land in
+        # different pieces and no MLP can be fused.  Off (for every compiled backend alike)
+        # unless asked for: one graph, gradients all-reduced after the compiled backward.
+        torch._dynamo.config.optimize_ddp = bool(args.ddp_split)
         inner = torch.compile(model, **compile_kw) if compile_kw is not None else model
-        wrapped = DDP(inner, device_ids=[device.index] if device.type == "cuda" else None)
+        kw = {} if args.bucket_mb is None else {"bucket_cap_mb": args.bucket_mb}
+        wrapped = DDP(inner, device_ids=[device.index] if device.type == "cuda" else None, **kw)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     return model, wrapped, opt
 
@@ -222,7 +233,7 @@ def autocast(args, device):
 
 
 def local_grads(model) -> dict[str, torch.Tensor]:
-    """This rank's gradients (its shard under FSDP2), detached copies in fp32."""
+    """This rank's gradients (its shard under FSDP2), detached fp32 copies in host memory."""
     out = {}
     for name, p in model.named_parameters():
         if p.grad is None:
@@ -230,7 +241,9 @@ def local_grads(model) -> dict[str, torch.Tensor]:
         g = p.grad
         if hasattr(g, "to_local"):
             g = g.to_local()
-        out[name.replace("_checkpoint_wrapped_module.", "")] = g.detach().float().clone()
+        # Kept on the host: copies left on the device by an earlier backend's run would count
+        # in the next backend's peak memory (a full fp32 gradient set under DDP).
+        out[name.replace("_checkpoint_wrapped_module.", "")] = g.detach().to("cpu", torch.float32, copy=True)
     return out
 
 
@@ -249,6 +262,7 @@ def train(args, cfg, backend: str, rank: int, world: int, device):
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
+        res.start_mem_gib = torch.cuda.memory_allocated(device) / 2**30
     model, wrapped, opt = build(args, cfg, backend, device)
     first_grads = None
     for step in range(args.steps):
@@ -362,7 +376,7 @@ def verdict(args, world: int, gathered: list) -> dict:
                                 f"at {pair['grad_worst']}")
         glu = per["results"].get("glu_fusion")
         if glu and not glu["error"]:
-            rewritten = sum(glu["report_counts"].get(f, 0) for f in MLP_FAMILIES) >= 1
+            rewritten = mlp_rewrites(glu["report_counts"]) >= 1
             checks[f"rank{rank}_pass_rewrote_mlp"] = rewritten
             if not rewritten:
                 failures.append(f"rank {rank}: the pass rewrote no MLP (report {glu['report_counts']})")
@@ -382,13 +396,20 @@ def verdict(args, world: int, gathered: list) -> dict:
             "tolerances": {"loss_abs": loss_tol, "grad_rel": grad_tol}}
 
 
+def mlp_rewrites(counts: dict) -> int:
+    """MLP sites the report lists as fused: whole blocks and SwiGLUs without a down projection."""
+    return sum(counts.get(f, 0) for f in MLP_FAMILIES)
+
+
 def markdown(args, world: int, gathered: list, summary: dict) -> str:
     title = (f"{args.mode.upper()} on {world} x {gathered[0]['device_name']}, {args.dtype}"
              f"{', activation checkpointing' if args.ac else ''}")
     lines = [f"### {title}", "",
              f"Model: dim {args.dim}, MLP {args.hidden}, {args.layers} layers, {args.heads} heads, "
              f"vocab {args.vocab}; seq {args.seq} x batch {args.batch} per rank; {args.steps} steps "
-             f"(median over steps {args.warmup}+), AdamW lr {args.lr}. torch {torch.__version__}.", "",
+             f"(median over steps {args.warmup}+), AdamW lr {args.lr}. torch {torch.__version__}."
+             + (f" Dynamo's DDP graph split {'on' if args.ddp_split else 'off'}"
+                f", bucket {args.bucket_mb or 25:g} MiB." if args.mode == "ddp" else ""), "",
              "| rank | backend | loss first -> last | max loss diff vs inductor | grad rel diff (step 0) "
              "| median step ms | tokens/s (rank) | peak GiB | MLP rewrites (report) | fused MLP fwd calls/step |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -405,7 +426,7 @@ def markdown(args, world: int, gathered: list, summary: dict) -> str:
             calls = r["forward_swiglu_calls"] if r["forward_swiglu_calls"] >= 0 else "-"
             lines.append(f"| {rank} | {name} | {r['losses'][0]:.4f} -> {r['losses'][-1]:.4f} | {ld} | {gd} "
                          f"| {r['median_step_ms']:.1f} | {r['tokens_per_s']:.0f} | {mem} "
-                         f"| {r['report_counts'].get('swiglu', 0)} | {calls} |")
+                         f"| {mlp_rewrites(r['report_counts'])} | {calls} |")
     speed = []
     base = [p["results"].get("inductor") for p in gathered]
     if all(x and not x["error"] for x in base):
