@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._launch import LaunchPlan, interpreting, multiprocessors, precision
+from ._launch import LaunchPlan, interpreter_quiet, interpreting, multiprocessors, precision
 from .swiglu_fwd_tma import with_tma_scratch
 
 
@@ -145,7 +145,9 @@ def weight_grad(dh: Tensor, x: Tensor, dw: Tensor, db: Optional[Tensor], allow_t
     if splits > 1:
         block = 1024
         total = r * k
-        split_sum_kernel[(triton.cdiv(total, block),)](part, dw, k, total, dw.stride(0), SPLITS=splits, BLOCK=block)
+        with interpreter_quiet():
+            split_sum_kernel[(triton.cdiv(total, block),)](part, dw, k, total, dw.stride(0), SPLITS=splits, BLOCK=block)
         if db is not None:
-            split_sum_kernel[(triton.cdiv(r, block),)](dbpart, db, r, r, 0, SPLITS=splits, BLOCK=block)
+            with interpreter_quiet():
+                split_sum_kernel[(triton.cdiv(r, block),)](dbpart, db, r, r, 0, SPLITS=splits, BLOCK=block)
 
