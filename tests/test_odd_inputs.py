@@ -322,8 +322,12 @@ def _need(gib):
 
 
 def _check_rows(got, want, dtype):
+    """Max error within a dtype-scaled fraction of the largest reference value (long bf16
+    reductions make elementwise relative bounds meaningless near zero)."""
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-3
-    torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+    assert torch.isfinite(got).all()
+    err = (got.float() - want.float()).abs().max().item()
+    assert err <= tol * (1.0 + want.abs().max().item()), f"max error {err:.3g}"
 
 
 @pytest.mark.gpu
@@ -349,11 +353,14 @@ def test_gemm_family_beyond_2_pow_31_elements(kind):
         args = (wg, wu, wd)
     dout = torch.randn_like(out)
     (dx,) = torch.autograd.grad(out, (x,), dout)
+    with torch.no_grad():   # inference takes the fused forward kernel (no saved pre-activations)
+        out_inference = (glu_fusion.swiglu(x, wg, wu) if kind == "swiglu" else glu_fusion.mlp_block(x, wg, wu, wd))
     for rows in (slice(0, 64), slice(m - 64, m)):
         xs = x[rows].detach().float().requires_grad_()
         want = eager(xs, *(a.detach().float() for a in args))
         (want_dx,) = torch.autograd.grad(want, (xs,), dout[rows].float())
         _check_rows(out[rows], want, dtype)
+        _check_rows(out_inference[rows], want, dtype)
         _check_rows(dx[rows], want_dx, dtype)
 
 

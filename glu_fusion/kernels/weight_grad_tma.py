@@ -71,7 +71,8 @@ def weight_grad_tma_kernel(
         else:
             cols_k = off_k + tl.arange(0, BLOCK_K)
             mask = (cols_r < R)[:, None] & (cols_k < K)[None, :]
-            tl.store(part_ptr + split * R * K + cols_r[:, None] * K + cols_k[None, :], acc, mask=mask)
+            part_rows = split.to(tl.int64) * R + cols_r.to(tl.int64)   # int64: the workspace may pass 2^31
+            tl.store(part_ptr + part_rows[:, None] * K + cols_k[None, :], acc, mask=mask)
             if HAS_BIAS:
                 if pid_k == 0:
                     tl.store(dbpart_ptr + split * R + cols_r, bias_acc, mask=cols_r < R)
@@ -80,11 +81,14 @@ def weight_grad_tma_kernel(
 @triton.jit
 def split_sum_kernel(part_ptr, out_ptr, n_cols, total, stride_out, SPLITS: tl.constexpr, BLOCK: tl.constexpr):
     """out[i] = Σ_s part[s, i] in split order, for ``total`` elements of an [rows, n_cols] output."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    # int64 offsets: a split workspace holds SPLITS·total elements, past 2^31 for large weights.
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < total
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    part = part_ptr + offs
     for s in range(SPLITS):
-        acc += tl.load(part_ptr + s * total + offs, mask=mask, other=0.0)
+        acc += tl.load(part, mask=mask, other=0.0)
+        part += total
     row = offs // n_cols
     col = offs % n_cols
     tl.store(out_ptr + row * stride_out + col, acc.to(out_ptr.dtype.element_ty), mask=mask)
