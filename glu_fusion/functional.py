@@ -114,6 +114,8 @@ def rms_norm(x: Tensor, weight: Optional[Tensor] = None, eps: float = 1e-6, resi
     residual, through both outputs."""
     from .ops import rms_norm as norm_ops
 
+    if x.dim() >= 1 and x.shape[-1] == 0:
+        return _empty_rows_norm(x, weight, residual)
     y, h, _ = norm_ops.rms_norm(x, weight, residual, float(eps), float(weight_offset), downcast)
     return y, (h if residual is not None else x)
 
@@ -135,6 +137,8 @@ def rms_norm_gated(x: Tensor, z: Tensor, weight: Optional[Tensor] = None, eps: f
     """
     from .ops import rms_norm_gated as norm_ops
 
+    if x.dim() >= 1 and x.shape[-1] == 0 and tuple(z.shape) == tuple(x.shape) and group_size is None:
+        return _empty_rows_norm(x, weight, None, z)[0]
     return norm_ops.rms_norm_gated(x, z, weight, float(eps), group_size, bool(norm_before_gate), activation,
                                    float(weight_offset), downcast, bool(gate_in_input_dtype))[0]
 
@@ -145,3 +149,19 @@ def _save_preact(*tensors: Optional[Tensor]) -> bool:
     if config.recompute or not torch.is_grad_enabled():
         return False
     return any(t is not None and t.requires_grad for t in tensors)
+
+
+def _empty_rows_norm(x: Tensor, weight: Optional[Tensor], residual: Optional[Tensor],
+                     z: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """Rows of zero features (D = 0) normalise to nothing: empty outputs shaped as eager's, still
+    connected to every input so that each gets its (empty) gradient."""
+    if residual is not None and tuple(residual.shape) != tuple(x.shape):
+        raise ValueError(f"glu_fusion: residual has shape {tuple(residual.shape)} but x has {tuple(x.shape)}")
+    h = x if residual is None else x + residual
+    y = h * 0 if z is None else h * z * 0
+    if weight is not None:
+        if tuple(weight.shape) != (0,):
+            raise ValueError(f"glu_fusion: weight must have shape (0,) for x of shape {tuple(x.shape)}, "
+                             f"got {tuple(weight.shape)}")
+        y = y * weight.to(y.dtype)
+    return y, h

@@ -86,7 +86,7 @@ def test_block_rejects_mismatched_down_weight():
     x, wg, wu = torch.randn(4, 8), torch.randn(6, 8), torch.randn(6, 8)
     with pytest.raises(ValueError, match="w_down must be"):
         torch.ops.glu_fusion.mlp_block(x, wg, wu, None, None, torch.randn(5, 7), None, True)
-    with pytest.raises(ValueError, match="b_down must have shape"):
+    with pytest.raises(ValueError, match="bias_down must have shape"):
         torch.ops.glu_fusion.mlp_block(x, wg, wu, None, None, torch.randn(5, 6), torch.randn(6), True)
 
 

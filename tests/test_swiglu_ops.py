@@ -141,11 +141,11 @@ def test_error_device_mismatch():
 
 def test_error_bias_shape():
     x, wg, wu = _ok()
-    with pytest.raises(ValueError, match="b_gate must have shape"):
+    with pytest.raises(ValueError, match="bias_gate must have shape"):
         glu_fusion.swiglu(x, wg, wu, torch.randn(9), torch.randn(8))
     with pytest.raises(ValueError, match="both bias_gate and bias_up"):
         glu_fusion.swiglu(x, wg, wu, torch.randn(8))
-    with pytest.raises(ValueError, match="both b_gate and b_up"):  # the op itself, too
+    with pytest.raises(ValueError, match="both bias_gate and bias_up"):  # the op itself, too
         torch.ops.glu_fusion.swiglu(x, wg, wu, None, torch.randn(8), True)
 
 

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._launch import interpreting, multiprocessors, precision
+from ._launch import interpreter_quiet, interpreting, multiprocessors, precision
 
 
 # --- the device-built work list ------------------------------------------------------------------
@@ -317,14 +317,15 @@ def grouped_swiglu_forward(x: Tensor, offsets: Tensor, w_gate: Tensor, w_up: Ten
     pre = preact if preact is not None else out
     bg = b_gate if b_gate is not None else out
     bu = b_up if b_up is not None else out
-    grouped_swiglu_fwd_kernel[(_persistent_grid(work, x.device, programs),)](
-        x, w_gate, w_up, bg, bu, out, pre, ends, tile_cum,
-        n, k, e + 1, max_tiles,
-        *x.stride(), *_strides3(w_gate), *_strides3(w_up), *_strides2(b_gate), *_strides2(b_up),
-        *out.stride(), *pre.stride(), float(alpha), float(limit),
-        ACT=activation, HAS_BIAS=b_gate is not None, SAVE_PREACT=preact is not None,
-        PRECISION=precision(allow_tf32), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        G_POW2=triton.next_power_of_2(e + 1), num_warps=warps, num_stages=stages)
+    with interpreter_quiet():
+        grouped_swiglu_fwd_kernel[(_persistent_grid(work, x.device, programs),)](
+            x, w_gate, w_up, bg, bu, out, pre, ends, tile_cum,
+            n, k, e + 1, max_tiles,
+            *x.stride(), *_strides3(w_gate), *_strides3(w_up), *_strides2(b_gate), *_strides2(b_up),
+            *out.stride(), *pre.stride(), float(alpha), float(limit),
+            ACT=activation, HAS_BIAS=b_gate is not None, SAVE_PREACT=preact is not None,
+            PRECISION=precision(allow_tf32), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+            G_POW2=triton.next_power_of_2(e + 1), num_warps=warps, num_stages=stages)
 
 
 def grouped_input_grad(dh: Tensor, offsets: Tensor, w_gate: Tensor, w_up: Tensor, dx: Tensor,
@@ -338,11 +339,12 @@ def grouped_input_grad(dh: Tensor, offsets: Tensor, w_gate: Tensor, w_up: Tensor
     block_m, block_n, block_k, warps, stages = _tiles(_GPU_DX, dh.dtype)
     ends, tile_cum, max_tiles = work_list(offsets, t, block_m)
     work = max_tiles * triton.cdiv(k, block_k)
-    grouped_dx_kernel[(_persistent_grid(work, dx.device, programs),)](
-        dh, w_gate, w_up, dx, ends, tile_cum, n, k, e + 1, max_tiles,
-        *dh.stride(), *_strides3(w_gate), *_strides3(w_up), *dx.stride(),
-        PRECISION=precision(allow_tf32), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        G_POW2=triton.next_power_of_2(e + 1), num_warps=warps, num_stages=stages)
+    with interpreter_quiet():
+        grouped_dx_kernel[(_persistent_grid(work, dx.device, programs),)](
+            dh, w_gate, w_up, dx, ends, tile_cum, n, k, e + 1, max_tiles,
+            *dh.stride(), *_strides3(w_gate), *_strides3(w_up), *dx.stride(),
+            PRECISION=precision(allow_tf32), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+            G_POW2=triton.next_power_of_2(e + 1), num_warps=warps, num_stages=stages)
 
 
 def grouped_weight_grad(dh: Tensor, x: Tensor, offsets: Tensor, dw_gate: Optional[Tensor],
@@ -370,9 +372,10 @@ def grouped_weight_grad(dh: Tensor, x: Tensor, offsets: Tensor, dw_gate: Optiona
     dwu = dw_up if want_w else like
     dbg = db_gate if want_b else like
     dbu = db_up if want_b else like
-    grouped_dw_kernel[grid](
-        dh, x, offsets, dwg, dwu, dbg, dbu, t, n, k, *dh.stride(), *x.stride(),
-        *(_strides3(dwg) if want_w else (0, 0, 0)), *(_strides3(dwu) if want_w else (0, 0, 0)),
-        *(_strides2(dbg) if want_b else (0, 0)), *(_strides2(dbu) if want_b else (0, 0)),
-        WANT_W=want_w, WANT_BIAS=want_b, PRECISION=precision(allow_tf32),
-        BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+    with interpreter_quiet():
+        grouped_dw_kernel[grid](
+            dh, x, offsets, dwg, dwu, dbg, dbu, t, n, k, *dh.stride(), *x.stride(),
+            *(_strides3(dwg) if want_w else (0, 0, 0)), *(_strides3(dwu) if want_w else (0, 0, 0)),
+            *(_strides2(dbg) if want_b else (0, 0)), *(_strides2(dbu) if want_b else (0, 0)),
+            WANT_W=want_w, WANT_BIAS=want_b, PRECISION=precision(allow_tf32),
+            BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)

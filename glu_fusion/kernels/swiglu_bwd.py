@@ -16,7 +16,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._elementwise import elementwise_plan, tile_2d
-from ._launch import LaunchPlan, interpreting, multiprocessors, precision, tile_config
+from ._launch import LaunchPlan, interpreter_quiet, interpreting, multiprocessors, precision, tile_config
 
 
 @triton.jit
@@ -182,7 +182,8 @@ def swiglu_input_grad(dout: Tensor, g: Tensor, u: Tensor, w_gate: Tensor, w_up: 
 
     meta = _INTERPRETER_DX if interpreting() else tile_config(_GPU_DX, dout.dtype, m)
     grid = (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_K"]),)
-    swiglu_dx_kernel[grid](*args, PRECISION=precision(allow_tf32), **meta)
+    with interpreter_quiet():
+        swiglu_dx_kernel[grid](*args, PRECISION=precision(allow_tf32), **meta)
 
 
 def _num_splits(m: int, tiles: int, block_m: int) -> int:
@@ -228,12 +229,13 @@ def swiglu_weight_grad(dout: Tensor, g: Tensor, u: Tensor, x: Tensor, dw_gate: T
     wg_s = tg.stride()[-2:]
     wu_s = tu.stride()[-2:]
     grid = (splits, triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(k, meta["BLOCK_K"]))
-    swiglu_dw_kernel[grid](
-        dout, g, u, x, tg, tu, bg, bu, m, n, k, rows_per_split,
-        dout.stride(0), dout.stride(1), g.stride(0), g.stride(1), u.stride(0), u.stride(1),
-        x.stride(0), x.stride(1), split_stride, wg_s[0], wg_s[1], wu_s[0], wu_s[1],
-        bias_split_stride, bg.stride(-1), bu.stride(-1),
-        HAS_BIAS=has_bias, PRECISION=precision(allow_tf32), **meta)
+    with interpreter_quiet():
+        swiglu_dw_kernel[grid](
+            dout, g, u, x, tg, tu, bg, bu, m, n, k, rows_per_split,
+            dout.stride(0), dout.stride(1), g.stride(0), g.stride(1), u.stride(0), u.stride(1),
+            x.stride(0), x.stride(1), split_stride, wg_s[0], wg_s[1], wu_s[0], wu_s[1],
+            bias_split_stride, bg.stride(-1), bu.stride(-1),
+            HAS_BIAS=has_bias, PRECISION=precision(allow_tf32), **meta)
     if splits > 1:
         dw_gate.copy_(tg.sum(0))
         dw_up.copy_(tu.sum(0))

@@ -100,7 +100,7 @@ def forward_operands(x: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Optional[T
 def forward_plan(x: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Optional[Tensor],
                  b_up: Optional[Tensor], out: Tensor, preact: Optional[Tensor],
                  allow_tf32: bool) -> LaunchPlan:
-    """The launch for operands shaped, strided and typed like these (M, N, K all positive);
+    """The launch for operands shaped, strided and typed like these (M and N positive);
     call it with ``forward_operands(...)``."""
     m, k = x.shape
     n = w_gate.shape[0]
@@ -124,10 +124,6 @@ def swiglu_forward(x: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Optional[Ten
     n = w_gate.shape[0]
     if m == 0 or n == 0:
         return
-    if k == 0:
-        out.zero_()
-        if preact is not None:
-            preact.zero_()
-        return
+    # K = 0 runs the kernel too: its K loop is empty, so the projections are the biases alone.
     plan = forward_plan(x, w_gate, w_up, b_gate, b_up, out, preact, allow_tf32)
     plan(*forward_operands(x, w_gate, w_up, b_gate, b_up, out, preact))

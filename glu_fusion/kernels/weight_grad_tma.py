@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._launch import LaunchPlan, interpreting, multiprocessors, precision
+from ._launch import LaunchPlan, interpreter_quiet, interpreting, multiprocessors, precision
 from .swiglu_fwd_tma import with_tma_scratch
 
 
@@ -71,7 +71,8 @@ def weight_grad_tma_kernel(
         else:
             cols_k = off_k + tl.arange(0, BLOCK_K)
             mask = (cols_r < R)[:, None] & (cols_k < K)[None, :]
-            tl.store(part_ptr + split * R * K + cols_r[:, None] * K + cols_k[None, :], acc, mask=mask)
+            part_rows = split.to(tl.int64) * R + cols_r.to(tl.int64)   # int64: the workspace may pass 2^31
+            tl.store(part_ptr + part_rows[:, None] * K + cols_k[None, :], acc, mask=mask)
             if HAS_BIAS:
                 if pid_k == 0:
                     tl.store(dbpart_ptr + split * R + cols_r, bias_acc, mask=cols_r < R)
@@ -80,11 +81,14 @@ def weight_grad_tma_kernel(
 @triton.jit
 def split_sum_kernel(part_ptr, out_ptr, n_cols, total, stride_out, SPLITS: tl.constexpr, BLOCK: tl.constexpr):
     """out[i] = Σ_s part[s, i] in split order, for ``total`` elements of an [rows, n_cols] output."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    # int64 offsets: a split workspace holds SPLITS·total elements, past 2^31 for large weights.
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < total
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    part = part_ptr + offs
     for s in range(SPLITS):
-        acc += tl.load(part_ptr + s * total + offs, mask=mask, other=0.0)
+        acc += tl.load(part, mask=mask, other=0.0)
+        part += total
     row = offs // n_cols
     col = offs % n_cols
     tl.store(out_ptr + row * stride_out + col, acc.to(out_ptr.dtype.element_ty), mask=mask)
@@ -145,7 +149,9 @@ def weight_grad(dh: Tensor, x: Tensor, dw: Tensor, db: Optional[Tensor], allow_t
     if splits > 1:
         block = 1024
         total = r * k
-        split_sum_kernel[(triton.cdiv(total, block),)](part, dw, k, total, dw.stride(0), SPLITS=splits, BLOCK=block)
+        with interpreter_quiet():
+            split_sum_kernel[(triton.cdiv(total, block),)](part, dw, k, total, dw.stride(0), SPLITS=splits, BLOCK=block)
         if db is not None:
-            split_sum_kernel[(triton.cdiv(r, block),)](dbpart, db, r, r, 0, SPLITS=splits, BLOCK=block)
+            with interpreter_quiet():
+                split_sum_kernel[(triton.cdiv(r, block),)](dbpart, db, r, r, 0, SPLITS=splits, BLOCK=block)
 

@@ -50,6 +50,16 @@ def check_same(name_ref: str, ref: Tensor, named: Sequence[tuple[str, Optional[T
             raise TypeError(f"glu_fusion: {name} has dtype {t.dtype} but {name_ref} has {ref.dtype}")
 
 
+def rows_2d(t: Tensor, width: Optional[int] = None) -> Tensor:
+    """``t`` as ``[rows, width]`` (``width``: its last dimension), the row count spelled out:
+    ``reshape(-1, 0)`` cannot infer it when the width is 0 (K = 0 features)."""
+    width = t.shape[-1] if width is None else width
+    rows = 1
+    for d in t.shape[:-1]:
+        rows = rows * d
+    return t.reshape(rows, width)
+
+
 def empty_like_nothing(like: Tensor) -> Tensor:
     """The placeholder an op returns for an output it was told not to compute."""
     return like.new_empty((0,))

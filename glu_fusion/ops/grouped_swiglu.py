@@ -68,11 +68,11 @@ def _check_forward(x: Tensor, offsets: Tensor, w_gate: Tensor, w_up: Tensor,
     if offsets.device != x.device:
         raise ValueError(f"glu_fusion: offsets is on {offsets.device} but x is on {x.device}")
     if (b_gate is None) != (b_up is None):
-        raise ValueError("glu_fusion: give both b_gate and b_up, or neither")
-    for name, b in (("b_gate", b_gate), ("b_up", b_up)):
+        raise ValueError("glu_fusion: give both bias_gate and bias_up, or neither")
+    for name, b in (("bias_gate", b_gate), ("bias_up", b_up)):
         if b is not None and tuple(b.shape) != (e, n):
             raise ValueError(f"glu_fusion: {name} must have shape ({e}, {n}), got {tuple(b.shape)}")
-    check_same("x", x, [("w_gate", w_gate), ("w_up", w_up), ("b_gate", b_gate), ("b_up", b_up)])
+    check_same("x", x, [("w_gate", w_gate), ("w_up", w_up), ("bias_gate", b_gate), ("bias_up", b_up)])
 
 
 def _forward(x, offsets, w_gate, w_up, b_gate, b_up, activation, alpha, limit, save_preact):
@@ -114,6 +114,12 @@ def _(x, offsets, w_gate, w_up, b_gate, b_up, activation, alpha, limit, save_pre
 def _packed_halves(weight: Tensor, bias: Optional[Tensor], layout: int):
     if weight.dim() != 3:
         raise ValueError(f"glu_fusion: a packed expert weight must be [E, 2N, K], got {tuple(weight.shape)}")
+    if weight.shape[1] % 2:
+        raise ValueError(f"glu_fusion: a packed expert weight [E, 2N, K] needs an even second dimension, "
+                         f"got {tuple(weight.shape)}")
+    if bias is not None and tuple(bias.shape) != tuple(weight.shape[:2]):
+        raise ValueError(f"glu_fusion: bias must have shape (E, 2N) = {tuple(weight.shape[:2])} for a weight of "
+                         f"shape {tuple(weight.shape)}, got {tuple(bias.shape)}")
     w_gate, w_up = expert_views(weight, layout)
     b_gate, b_up = expert_views(bias, layout) if bias is not None else (None, None)
     return w_gate, w_up, b_gate, b_up

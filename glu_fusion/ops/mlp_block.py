@@ -27,10 +27,10 @@ from torch import Tensor
 
 from ..layouts import CONCAT_GATE_FIRST
 from .autocast import register_autocast_follow, register_autocast_passthrough
-from .dispatch import allow_tf32, check_same, register_cuda_fast_path, use_kernels
+from .dispatch import allow_tf32, check_same, register_cuda_fast_path, rows_2d, use_kernels
 from .graph_twins import register_graph_twins
 from .plan_cache import PlanCache, plans_enabled, tensor_key
-from .swiglu import (_check_forward, _dh_halves, _forward, _gate_grad_into,
+from .swiglu import (_check_forward, check_packed, _dh_halves, _forward, _gate_grad_into,
                      _preact_halves, grads_from_dh, packed_views)
 
 
@@ -38,8 +38,8 @@ def _check_down(h_features: int, x: Tensor, w_down: Tensor, b_down: Optional[Ten
     if w_down.dim() != 2 or w_down.shape[1] != h_features:
         raise ValueError(f"glu_fusion: w_down must be [D, N] with N={h_features}, got {tuple(w_down.shape)}")
     if b_down is not None and tuple(b_down.shape) != (w_down.shape[0],):
-        raise ValueError(f"glu_fusion: b_down must have shape ({w_down.shape[0]},), got {tuple(b_down.shape)}")
-    check_same("x", x, [("w_down", w_down), ("b_down", b_down)])
+        raise ValueError(f"glu_fusion: bias_down must have shape ({w_down.shape[0]},), got {tuple(b_down.shape)}")
+    check_same("x", x, [("w_down", w_down), ("bias_down", b_down)])
 
 
 def _block_forward(x, w_gate, w_up, b_gate, b_up, w_down, b_down, save_preact):
@@ -74,6 +74,7 @@ def _(x, w_gate, w_up, b_gate, b_up, w_down, b_down, save_preact):
 @torch.library.custom_op("glu_fusion::mlp_block_packed", mutates_args=())
 def mlp_block_packed(x: Tensor, weight: Tensor, bias: Optional[Tensor], layout: int, w_down: Tensor,
                      b_down: Optional[Tensor], save_preact: bool) -> tuple[Tensor, Tensor]:
+    check_packed(x, weight, bias)
     w_gate, w_up = packed_views(weight, layout)
     b_gate, b_up = packed_views(bias, layout) if bias is not None else (None, None)
     return _block_forward(x, w_gate, w_up, b_gate, b_up, w_down, b_down, save_preact)
@@ -81,6 +82,7 @@ def mlp_block_packed(x: Tensor, weight: Tensor, bias: Optional[Tensor], layout: 
 
 @mlp_block_packed.register_fake
 def _(x, weight, bias, layout, w_down, b_down, save_preact):
+    check_packed(x, weight, bias)
     w_gate, w_up = packed_views(weight, layout)
     b_gate, b_up = packed_views(bias, layout) if bias is not None else (None, None)
     return _fake_block(x, w_gate, w_up, b_gate, b_up, w_down, b_down, save_preact)
@@ -190,7 +192,7 @@ def _block_backward(ctx, dout, x, weights, biases, w_down, preact, needs, recomp
     w_down, b_down).  The weight and bias grads come as tuples shaped like ``weights``/``biases``
     (or None)."""
     need_x, need_w, need_b, need_wd, need_bd = needs
-    dout2d = dout.reshape(-1, w_down.shape[0])
+    dout2d = rows_2d(dout, w_down.shape[0])
     owns = preact is None
     if owns:
         preact = recompute_preact()

@@ -30,7 +30,7 @@ from torch import Tensor
 from .. import reference
 from ..layouts import CONCAT_GATE_FIRST, CONCAT_UP_FIRST, INTERLEAVED_GATE_EVEN, INTERLEAVED_UP_EVEN, LAYOUTS
 from .autocast import register_autocast_follow, register_autocast_passthrough
-from .dispatch import allow_tf32, check_same, empty_like_nothing, register_cuda_fast_path, use_kernels
+from .dispatch import allow_tf32, check_same, empty_like_nothing, register_cuda_fast_path, rows_2d, use_kernels
 from .graph_twins import register_graph_twins
 from .plan_cache import PlanCache, plans_enabled, tensor_key
 from .weight_grad import weight_grad
@@ -96,12 +96,27 @@ def _check_forward(x: Tensor, w_gate: Tensor, w_up: Tensor,
     if x.shape[-1] != w_gate.shape[1]:
         raise ValueError(f"glu_fusion: x has K={x.shape[-1]} features but the weights expect "
                          f"K={w_gate.shape[1]}")
+    # Messages use the public functions' parameter names (bias_gate, bias_up).
     if (b_gate is None) != (b_up is None):
-        raise ValueError("glu_fusion: give both b_gate and b_up, or neither")
-    for name, b in (("b_gate", b_gate), ("b_up", b_up)):
+        raise ValueError("glu_fusion: give both bias_gate and bias_up, or neither")
+    for name, b in (("bias_gate", b_gate), ("bias_up", b_up)):
         if b is not None and tuple(b.shape) != (w_gate.shape[0],):
             raise ValueError(f"glu_fusion: {name} must have shape ({w_gate.shape[0]},), got {tuple(b.shape)}")
-    check_same("x", x, [("w_gate", w_gate), ("w_up", w_up), ("b_gate", b_gate), ("b_up", b_up)])
+    check_same("x", x, [("w_gate", w_gate), ("w_up", w_up), ("bias_gate", b_gate), ("bias_up", b_up)])
+
+
+def check_packed(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> None:
+    """Check a packed ``[2N, K]`` weight and ``[2N]`` bias as the caller passed them, before they
+    are split into halves (whose shapes would only confuse an error message)."""
+    if weight.dim() != 2 or weight.shape[0] % 2:
+        raise ValueError(f"glu_fusion: the packed weight must be 2-D [2N, K] with an even first dimension, "
+                         f"got {tuple(weight.shape)}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"glu_fusion: bias must have shape (2N,) = ({weight.shape[0]},) for a weight of "
+                         f"shape {tuple(weight.shape)}, got {tuple(bias.shape)}")
+    if x.dim() >= 1 and x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"glu_fusion: x has K={x.shape[-1]} features but the weight expects K={weight.shape[1]}")
+    check_same("x", x, [("weight", weight), ("bias", bias)])
 
 
 def _route(x2d: Tensor, w_gate: Tensor, w_up: Tensor, out: Optional[Tensor], preact: Optional[Tensor],
@@ -138,7 +153,7 @@ def _forward(x: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Optional[Tensor],
     _check_forward(x, w_gate, w_up, b_gate, b_up)
     n, k = w_gate.shape
     lead = x.shape[:-1]
-    x2d = x.reshape(-1, k)
+    x2d = rows_2d(x, k)
     m = x2d.shape[0]
     if use_kernels(x):
         out = torch.empty((m, n), device=x.device, dtype=x.dtype)
@@ -188,7 +203,7 @@ def _build_forward_plan(x: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Optiona
     returns None when this call's operands are not aligned for the TMA kernel."""
     _check_forward(x, w_gate, w_up, b_gate, b_up)
     n, k = w_gate.shape
-    x2d = x.reshape(-1, k)
+    x2d = rows_2d(x, k)
     m = x2d.shape[0]
     if m == 0 or n == 0 or k == 0 or x2d.data_ptr() != x.data_ptr():
         return None   # empty problems and inputs that reshape copies take the general path
@@ -263,6 +278,7 @@ def _(x, w_gate, w_up, b_gate, b_up, save_preact):
 @torch.library.custom_op("glu_fusion::swiglu_packed", mutates_args=())
 def swiglu_packed(x: Tensor, weight: Tensor, bias: Optional[Tensor], layout: int,
                   save_preact: bool) -> tuple[Tensor, Tensor]:
+    check_packed(x, weight, bias)
     w_gate, w_up = packed_views(weight, layout)
     b_gate, b_up = packed_views(bias, layout) if bias is not None else (None, None)
     return _forward(x, w_gate, w_up, b_gate, b_up, save_preact)
@@ -270,6 +286,7 @@ def swiglu_packed(x: Tensor, weight: Tensor, bias: Optional[Tensor], layout: int
 
 @swiglu_packed.register_fake
 def _(x, weight, bias, layout, save_preact):
+    check_packed(x, weight, bias)
     w_gate, w_up = packed_views(weight, layout)
     b_gate, b_up = packed_views(bias, layout) if bias is not None else (None, None)
     _check_forward(x, w_gate, w_up, b_gate, b_up)
@@ -283,7 +300,7 @@ def swiglu_preact(x: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Optional[Tens
     two GEMMs (cuBLAS on the GPU) write its halves; no gate and no output are computed."""
     _check_forward(x, w_gate, w_up, b_gate, b_up)
     n, k = w_gate.shape
-    x2d = x.reshape(-1, k)
+    x2d = rows_2d(x, k)
     preact = x.new_empty((x2d.shape[0], 2 * n))
     _projections_into(x2d, w_gate, w_up, b_gate, b_up, preact)
     return preact
@@ -305,7 +322,7 @@ def _preact_halves(preact: Tensor) -> tuple[Tensor, Tensor]:
 @torch.library.custom_op("glu_fusion::swiglu_dx", mutates_args=())
 def swiglu_dx(dout: Tensor, preact: Tensor, w_gate: Tensor, w_up: Tensor) -> Tensor:
     n, k = w_gate.shape
-    dout2d = dout.reshape(-1, n)
+    dout2d = rows_2d(dout, n)
     g, u = _preact_halves(preact)
     if use_kernels(dout):
         from ..kernels import swiglu_input_grad
@@ -341,7 +358,7 @@ def _gate_grad_into(dout: Tensor, preact: Tensor, d_g_out: Tensor, d_u_out: Tens
     """Write dG and dU of ``silu(g)·u`` into the given [M, N] views (which may be g and u), and
     ``h = silu(g)·u`` into ``h_out`` when given."""
     n = preact.shape[1] // 2
-    dout2d = dout.reshape(-1, n)
+    dout2d = rows_2d(dout, n)
     g, u = _preact_halves(preact)
     if use_kernels(dout):
         from ..kernels import swiglu_gate_grad
@@ -365,7 +382,7 @@ def _build_dh_plan(dout: Tensor, preact: Tensor, layout: int):
         return None
     from ..kernels.swiglu_bwd import gate_grad_plan
     n = preact.shape[1] // 2
-    dout2d = dout.reshape(-1, n)
+    dout2d = rows_2d(dout, n)
     m = dout2d.shape[0]
     if m == 0 or n == 0 or dout2d.data_ptr() != dout.data_ptr():
         return None
@@ -419,7 +436,7 @@ def _build_dh_inplace_plan(dout: Tensor, preact: Tensor):
         return None
     from ..kernels.swiglu_bwd import gate_grad_plan
     n = preact.shape[1] // 2
-    dout2d = dout.reshape(-1, n)
+    dout2d = rows_2d(dout, n)
     if dout2d.shape[0] == 0 or n == 0 or dout2d.data_ptr() != dout.data_ptr():
         return None
     g, u = _preact_halves(preact)
@@ -443,7 +460,7 @@ def _weight_grad_into(dout: Tensor, preact: Tensor, x: Tensor, dw_gate: Tensor, 
                       db_gate: Optional[Tensor], db_up: Optional[Tensor]) -> None:
     """Write dWg, dWu (and the bias grads) into the given, possibly strided, outputs."""
     n, k = dw_gate.shape
-    dout2d, x2d = dout.reshape(-1, n), x.reshape(-1, k)
+    dout2d, x2d = rows_2d(dout, n), rows_2d(x, k)
     g, u = _preact_halves(preact)
     if use_kernels(dout):
         from ..kernels import swiglu_weight_grad
@@ -517,7 +534,7 @@ def _gemm_backward(dout: Tensor, preact: Tensor, x: Tensor, weights: tuple, layo
 def grads_from_dh(dh: Tensor, x: Tensor, weights: tuple, need_x: bool, need_w: bool, need_b: bool):
     """dx, the weight grads and the bias grads (each a tuple shaped like ``weights``, or None)
     from ``dH`` laid out as the weights' rows: plain GEMMs and column sums."""
-    x2d = x.reshape(-1, x.shape[-1])
+    x2d = rows_2d(x)
     dx = dws = dbs = None
     n = dh.shape[1] // 2
     if need_x:
