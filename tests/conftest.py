@@ -20,6 +20,7 @@ os.environ.setdefault("TORCHINDUCTOR_FORCE_DISABLE_CACHES", "1")
 import pytest  # noqa: E402
 
 import glu_fusion
+import glu_fusion.ops  # noqa: F401  (registers every op: test files name them when they load)
 from glu_fusion.compile.report import REPORT
 
 
