@@ -135,7 +135,21 @@ def _fail(message: str) -> int:
     return 2
 
 
+def _shadowed() -> Optional[str]:
+    """The folder shadowing the package when ``python -m glu_fusion`` ran this file as part of a
+    namespace package (a folder named ``glu_fusion`` without ``__init__.py`` earlier on the
+    path): our ``__init__`` never ran, and ``import glu_fusion`` in user code would fail."""
+    package = sys.modules.get(__package__ or "glu_fusion")
+    if package is None or getattr(package, "__file__", None) is not None:
+        return None
+    return next(iter(getattr(package, "__path__", [])), "?")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    folder = _shadowed()
+    if folder is not None:
+        from glu_fusion_entry_points import shadowing_message
+        return _fail(shadowing_message(folder).removeprefix("glu_fusion: "))
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(name)s: %(message)s")

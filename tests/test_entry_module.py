@@ -79,6 +79,12 @@ def test_a_shadowing_folder_is_named_by_both_entry_points(tmp_path):
     assert f"the folder {folder} has no __init__.py" in done.stdout  # the backend's error
     assert "cannot import name" not in done.stdout + done.stderr
 
+    cli = subprocess.run([sys.executable, "-m", "glu_fusion", "--no-timing"], cwd=str(tmp_path),
+                         capture_output=True, text=True, timeout=180,
+                         env={k: v for k, v in os.environ.items() if not k.startswith("GLU_FUSION")})
+    assert cli.returncode == 2 and "Traceback" not in cli.stderr, cli.stderr[-3000:]
+    assert f"the folder {folder} has no __init__.py" in cli.stderr
+
 
 def test_autoload_swallows_everything(monkeypatch):
     def explode():
