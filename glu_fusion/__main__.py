@@ -1,12 +1,7 @@
 """``python -m glu_fusion``: compile a model through the pass and show what it did.
 
-    python -m glu_fusion                       the built-in Llama-style demo model
-    python -m glu_fusion inspect PKG.MOD:FN    FN() returns (model, inputs), inputs a tuple of
-                                               args, or a model with an example_inputs attribute
-
-Both compile with ``glu_fusion.backend``, print the rewrite report, and check the output and every
-parameter gradient against eager (exit status 1 on a mismatch).  On a GPU the demo also prints the
-training-step time against ``torch.compile``'s default.
+``demo`` (the default) builds the Llama-style model of ``glu_fusion.demo``; ``inspect MOD:FACTORY``
+loads the user's.  The command-line help is ``_DESCRIPTION`` (plain text, no markup).
 """
 from __future__ import annotations
 
@@ -79,25 +74,93 @@ def _run(model: torch.nn.Module, inputs: Sequence[Any], timing: bool) -> int:
     return 0 if result.ok else 1
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m glu_fusion", description=__doc__,
+_DESCRIPTION = """\
+Compile a model through the glu_fusion pass and show what it did.
+
+commands:
+  demo                 (default) the built-in Llama-style demo model
+  inspect MOD:FACTORY  your model: FACTORY() returns (model, inputs), inputs a tuple of args,
+                       or a model with an example_inputs attribute
+
+Both compile with glu_fusion.backend, print the rewrite report, and check the output and every
+parameter gradient against eager (exit status 1 on a mismatch). On a GPU the demo also prints
+the training-step time against torch.compile's default. Run "python -m glu_fusion inspect -h"
+for inspect's own options.
+"""
+
+
+def _add_options(parser: argparse.ArgumentParser, demo_options: bool, default: Any) -> None:
+    """The options; ``default`` is ``argparse.SUPPRESS`` in the subcommands, so an option given
+    before the subcommand keeps its value."""
+    def value(v):
+        return v if default is None else default
+
+    if demo_options:
+        parser.add_argument("--device", choices=["cpu", "cuda"],
+                            default=value("cuda" if torch.cuda.is_available() else "cpu"),
+                            help="where the demo model runs (default: cuda when available, else cpu)")
+        parser.add_argument("--dtype", default=value(None), choices=sorted(_DTYPES),
+                            help="demo dtype (default: bfloat16 on CUDA, float32 on CPU)")
+        parser.add_argument("--layers", type=int, default=value(demo.DemoConfig.layers),
+                            help=f"transformer blocks in the demo model (default: {demo.DemoConfig.layers})")
+    parser.add_argument("--no-timing", action="store_true", default=value(False),
+                        help="skip the training-step timing (CUDA only)")
+    parser.add_argument("-v", "--verbose", action="store_true", default=value(False),
+                        help="log each rewrite as it happens")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m glu_fusion", description=_DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", nargs="?", default="demo", choices=["demo", "inspect"])
-    parser.add_argument("factory", nargs="?", help="MODULE:FACTORY for inspect")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default=None, choices=sorted(_DTYPES),
-                        help="demo dtype (default: bfloat16 on CUDA, float32 on CPU)")
-    parser.add_argument("--layers", type=int, default=demo.DemoConfig.layers)
-    parser.add_argument("--no-timing", action="store_true")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log each rewrite as it happens")
-    args = parser.parse_args(argv)
+    _add_options(parser, demo_options=True, default=None)
+    commands = parser.add_subparsers(dest="command", metavar="{demo,inspect}")
+    demo_parser = commands.add_parser("demo", help="compile the built-in Llama-style demo model",
+                                      description="Compile the built-in Llama-style demo model through "
+                                                  "the pass, print the report and check it against eager.")
+    _add_options(demo_parser, demo_options=True, default=argparse.SUPPRESS)
+    inspect_parser = commands.add_parser(
+        "inspect", help="compile your own model",
+        description="Compile your model through the pass, print the rewrite report and check the "
+                    "output and every parameter gradient against eager.")
+    inspect_parser.add_argument("factory", metavar="MODULE:FACTORY",
+                                help="FACTORY() returns (model, inputs), or a model with an "
+                                     "example_inputs attribute (a tuple, or a function returning one)")
+    _add_options(inspect_parser, demo_options=False, default=argparse.SUPPRESS)
+    return parser
+
+
+def _fail(message: str) -> int:
+    """One-line error on stderr, exit status 2 (as argparse uses for usage errors)."""
+    print(f"python -m glu_fusion: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _shadowed() -> Optional[str]:
+    """The folder shadowing the package when ``python -m glu_fusion`` ran this file as part of a
+    namespace package (a folder named ``glu_fusion`` without ``__init__.py`` earlier on the
+    path): our ``__init__`` never ran, and ``import glu_fusion`` in user code would fail."""
+    package = sys.modules.get(__package__ or "glu_fusion")
+    if package is None or getattr(package, "__file__", None) is not None:
+        return None
+    return next(iter(getattr(package, "__path__", [])), "?")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    folder = _shadowed()
+    if folder is not None:
+        from glu_fusion_entry_points import shadowing_message
+        return _fail(shadowing_message(folder).removeprefix("glu_fusion: "))
+    args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(name)s: %(message)s")
     if args.command == "inspect":
-        if not args.factory:
-            parser.error("inspect needs MODULE:FACTORY")
         model, inputs = _load_factory(args.factory)
         return _run(model, inputs, timing=not args.no_timing)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        return _fail(f"--device cuda, but this torch ({torch.__version__}) sees no CUDA device; "
+                     "use --device cpu")
+    if args.layers < 1:
+        return _fail(f"--layers must be at least 1, got {args.layers}")
     default_dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     dtype = _DTYPES[args.dtype] if args.dtype else default_dtype
     cfg = demo.DemoConfig(layers=args.layers)

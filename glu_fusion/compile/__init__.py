@@ -5,8 +5,10 @@
 * ``passes``: chaining our passes with a user's in one Inductor hook;
 * ``cache_key``: the one recipe every pass uses for its Inductor cache key;
 * ``backend``: ``backend()`` and ``install``/``uninstall`` of the passes;
-* ``autoload``: the ``torch.backends`` entry point behind ``GLU_FUSION=1``;
-* ``report``: what the pass rewrote.
+* ``autoload``: what ``GLU_FUSION=1`` does at ``import torch`` (called by the ``torch.backends``
+  entry point in ``glu_fusion_entry_points``, outside this package);
+* ``report``: what the pass rewrote;
+* ``cache_watch``: what a compile served from Inductor's cache calls, for the report.
 
-This package imports nothing on purpose: the entry point runs at every ``import torch``.
+This package imports nothing on purpose: with ``GLU_FUSION=1`` it is imported at ``import torch``.
 """

@@ -1,6 +1,7 @@
-"""``torch.backends`` entry point: ``GLU_FUSION=1`` turns the pass on for a plain ``torch.compile``.
+"""``GLU_FUSION=1`` turns the pass on for a plain ``torch.compile``.
 
-torch calls :func:`autoload` near the end of ``import torch``.  Importing Inductor's config there
+torch calls the ``torch.backends`` entry point (``glu_fusion_entry_points.autoload``) near the end
+of ``import torch``; when ``GLU_FUSION`` is set it calls :func:`autoload` here.  Importing Inductor's config there
 would add over a second to every ``import torch``, so instead a one-shot import hook waits for
 ``torch._inductor.config`` to be imported (which ``torch.compile`` does) and installs the pass into
 it then.  Nothing here may raise: an exception would make ``import torch`` fail.  A setting

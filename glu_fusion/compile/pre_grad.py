@@ -17,7 +17,7 @@ from .. import config
 from .cache_key import pass_uuid
 from .report import REPORT
 
-__all__ = ["GluPass", "graph_has_rewritable_device"]
+__all__ = ["GluPass", "graph_has_rewritable_device", "graph_device_types"]
 
 _lock = threading.Lock()
 _matcher = None          # the process-wide PatternMatcherPass, built on first use
@@ -63,6 +63,16 @@ def graph_has_rewritable_device(graph: torch.fx.Graph) -> bool:
     return not seen_any
 
 
+def graph_device_types(graph: torch.fx.Graph) -> tuple[str, ...]:
+    """The device types of the tensors ``graph``'s placeholders hold, sorted."""
+    types = set()
+    for node in graph.find_nodes(op="placeholder"):
+        value = node.meta.get("example_value", node.meta.get("val"))
+        if isinstance(value, torch.Tensor):
+            types.add(value.device.type)
+    return tuple(sorted(types))
+
+
 class GluPass(CustomGraphPass):
     """Rewrites the SwiGLU (and further registered) families in a pre-grad graph.
 
@@ -76,8 +86,9 @@ class GluPass(CustomGraphPass):
         from .. import ops  # noqa: F401  (registers glu_fusion::* ops)
 
     def __call__(self, graph: torch.fx.Graph) -> None:
-        with REPORT.graph():
+        with REPORT.graph() as record:
             if not graph_has_rewritable_device(graph):
+                record.skipped_devices = graph_device_types(graph)
                 return
             _pattern_pass().apply(graph)  # Inductor recompiles the module afterwards
 

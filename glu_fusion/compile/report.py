@@ -4,7 +4,8 @@ Every rewrite is logged on the ``glu_fusion`` logger (one INFO line) and kept in
 :class:`Report` that :func:`glu_fusion.report` returns.  Each time the pass runs on a graph it adds
 one :class:`GraphRecord`, also when it rewrote nothing, so a caller can tell "the pass ran and
 found nothing" from "the pass never ran".  A process that finds the compiled graph in Inductor's
-cache does not run the pass and so records nothing for that graph.
+cache does not run the pass; ``compile.cache_watch`` then counts the calls of our ops in the code
+the cache served and adds a :class:`CachedGraph`, so the report says what that code runs.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import time
 from collections import Counter
 from typing import Iterator, Optional
 
-__all__ = ["Rewrite", "GraphRecord", "Report", "REPORT", "report", "log"]
+__all__ = ["Rewrite", "GraphRecord", "CachedGraph", "Report", "REPORT", "report", "log"]
 
 log = logging.getLogger("glu_fusion")
 
@@ -51,10 +52,51 @@ class GraphRecord:
     index: int
     rewrites: list[Rewrite] = dataclasses.field(default_factory=list)
     seconds: float = 0.0  #: time the pass took on this graph (pattern registration included)
+    #: device types of a graph the pass left alone because ``config.rewrite_devices`` names none
+    #: of them (empty when the pass searched the graph)
+    skipped_devices: tuple[str, ...] = ()
 
     def counts(self) -> dict[str, int]:
         """Rewrites per family in this graph."""
         return dict(Counter(r.family for r in self.rewrites))
+
+    def summary(self) -> str:
+        """One line: the counts per family, or why nothing was rewritten."""
+        counts = ", ".join(f"{k}={v}" for k, v in sorted(self.counts().items()))
+        if counts:
+            return counts
+        if self.skipped_devices:
+            devices = ",".join(self.skipped_devices)
+            return (f"nothing rewritten: the graph is on {devices}, and only graphs on "
+                    f"{','.join(_rewrite_devices())} are rewritten (set GLU_FUSION_DEVICES="
+                    f"{','.join(sorted({*_rewrite_devices(), *self.skipped_devices}))} to include it)")
+        return "nothing rewritten"
+
+
+def _rewrite_devices() -> tuple[str, ...]:
+    from .. import config
+    return tuple(config.rewrite_devices)
+
+
+@dataclasses.dataclass(frozen=True)
+class CachedGraph:
+    """A compiled graph Inductor served from its cache, so the pass did not run on it.
+
+    ``op_calls``: the calls of our ops (``_nograd`` twins counted as their op) in the code the
+    cache served, per op name; empty when that code calls none of them.
+    """
+
+    index: int
+    op_calls: dict[str, int]
+
+    @property
+    def total(self) -> int:
+        return sum(self.op_calls.values())
+
+    def summary(self) -> str:
+        counts = ", ".join(f"{k}={v}" for k, v in sorted(self.op_calls.items()))
+        return (f"served from Inductor's cache: {self.total} fused op call(s) found"
+                + (f" ({counts})" if counts else ""))
 
 
 class Report:
@@ -63,6 +105,7 @@ class Report:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._graphs: list[GraphRecord] = []
+        self._cached: list[CachedGraph] = []
         self._local = threading.local()  # the record open in this thread, if any
 
     @property
@@ -75,6 +118,27 @@ class Report:
     def rewrites(self) -> list[Rewrite]:
         """Every rewrite of every graph, in order."""
         return [r for g in self.graphs for r in g.rewrites]
+
+    @property
+    def cached_graphs(self) -> list[CachedGraph]:
+        """The graphs Inductor served from its cache (the pass did not run on them), oldest first."""
+        with self._lock:
+            return list(self._cached)
+
+    def cached_op_counts(self) -> dict[str, int]:
+        """Calls of our ops, per op name, in the code of every graph served from the cache."""
+        total: Counter = Counter()
+        for g in self.cached_graphs:
+            total.update(g.op_calls)
+        return dict(total)
+
+    def add_cached(self, op_calls: dict[str, int]) -> CachedGraph:
+        """Record one graph served from Inductor's cache and log it."""
+        with self._lock:
+            record = CachedGraph(index=len(self._cached), op_calls=dict(op_calls))
+            self._cached.append(record)
+        log.info("cached graph %d: %s", record.index, record.summary())
+        return record
 
     def counts(self) -> dict[str, int]:
         """Rewrites per family over all graphs."""
@@ -93,6 +157,7 @@ class Report:
         """Forget every record (tests call this between cases)."""
         with self._lock:
             self._graphs.clear()
+            self._cached.clear()
 
     @contextlib.contextmanager
     def graph(self) -> Iterator[GraphRecord]:
@@ -120,13 +185,16 @@ class Report:
         log.info("rewrote %s", rewrite.line())
 
     def __str__(self) -> str:
-        graphs = self.graphs
-        lines = [f"glu_fusion rewrite report: {sum(len(g.rewrites) for g in graphs)} rewrite(s) "
-                 f"in {len(graphs)} graph(s), pass time {1e3 * sum(g.seconds for g in graphs):.1f} ms"]
+        graphs, cached = self.graphs, self.cached_graphs
+        head = (f"glu_fusion rewrite report: {sum(len(g.rewrites) for g in graphs)} rewrite(s) "
+                f"in {len(graphs)} graph(s), pass time {1e3 * sum(g.seconds for g in graphs):.1f} ms")
+        if cached:
+            head += f"; {len(cached)} graph(s) served from Inductor's cache"
+        lines = [head]
         for g in graphs:
-            counts = ", ".join(f"{k}={v}" for k, v in sorted(g.counts().items())) or "nothing rewritten"
-            lines.append(f"  graph {g.index}: {counts}")
+            lines.append(f"  graph {g.index}: {g.summary()}")
             lines.extend(f"    {r.line()}" for r in g.rewrites)
+        lines.extend(f"  cached graph {c.index}: {c.summary()}" for c in cached)
         return "\n".join(lines)
 
 
@@ -137,5 +205,6 @@ REPORT = Report()
 def report() -> Report:
     """The process-wide rewrite report: ``.graphs`` (one record per graph the pass ran on, with
     ``.rewrites`` and ``.counts()``), ``.counts()`` per family, ``.total``, ``.reset()``;
+    ``.cached_graphs`` and ``.cached_op_counts()`` for graphs served from Inductor's cache;
     ``str(report())`` is a readable summary."""
     return REPORT
