@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 import triton
 
+from _measure import bench
 from glu_fusion.kernels import rms_norm_gated as kernels
 
 ROWS = 524288
@@ -29,12 +30,11 @@ def main() -> None:
         rstd = torch.empty(ROWS, 1, device="cuda", dtype=torch.float32)
         dx, dz = torch.empty_like(x), torch.empty_like(x)
         flags = (1e-6, d, True, 0, 0.0, False, False, False, False)
-        floor_fwd = triton.testing.do_bench(lambda: y.copy_(x), return_mode="median") * 1.5
+        floor_fwd = bench(lambda: y.copy_(x)) * 1.5
         print(f"\nD={d}: forward (floor ~{floor_fwd * 1e3:.0f} us, 1.5x a copy of x)")
         for tile in TILES:
             kernels.FWD_TILE_ELEMENTS = tile
-            ms = triton.testing.do_bench(lambda: kernels.rms_norm_gated_forward(x, z, w, y, rstd, *flags),
-                                         return_mode="median")
+            ms = bench(lambda: kernels.rms_norm_gated_forward(x, z, w, y, rstd, *flags))
             print(f"  tile {tile:6d}: {ms * 1e3:8.1f} us")
         kernels.FWD_TILE_ELEMENTS = defaults[0]
         kernels.rms_norm_gated_forward(x, z, w, y, rstd, *flags)
@@ -42,9 +42,8 @@ def main() -> None:
         for tile in TILES:
             for ws in WORKSPACES:
                 kernels.BWD_TILE_ELEMENTS, kernels._WORKSPACE_BYTES = tile, ws
-                ms = triton.testing.do_bench(
-                    lambda: kernels.rms_norm_gated_backward(dy, x, z, w, rstd, dx, dz, True, d, True, 0, 0.0),
-                    return_mode="median")
+                ms = bench(lambda: kernels.rms_norm_gated_backward(dy, x, z, w, rstd, dx, dz, True, d, True, 0,
+                                                                   0.0))
                 print(f"  tile {tile:6d}, workspace cap {ws >> 20:3d} MB: {ms * 1e3:8.1f} us")
         kernels.FWD_TILE_ELEMENTS, kernels.BWD_TILE_ELEMENTS, kernels._WORKSPACE_BYTES = defaults
     kernels.BWD_TILE_ELEMENTS_BY_WIDTH = by_width

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
+from _measure import bench
 from glu_fusion.kernels.swiglu_fwd import swiglu_fwd_kernel
 from glu_fusion.kernels.swiglu_fwd_tma import swiglu_forward_tma
 
@@ -64,7 +65,7 @@ def measure(kind, k, n, m):
     wu = (torch.randn(n, k, device="cuda") * k ** -0.5).to(torch.bfloat16)
     w_cat = torch.cat([wg, wu])
     want = F.silu(x @ wg.t()) * (x @ wu.t())
-    floor = triton.testing.do_bench(lambda: x @ w_cat.t(), return_mode="median")
+    floor = bench(lambda: x @ w_cat.t())
     rows = []
     variants = tma_variants() if kind == "tma" else pointer_variants(m)
     for name, meta in variants:
@@ -80,7 +81,7 @@ def measure(kind, k, n, m):
             run()
             torch.cuda.synchronize()
             err = ((out.float() - want.float()).norm() / want.float().norm()).item()
-            ms = triton.testing.do_bench(run, return_mode="median") if err < 2e-2 else float("nan")
+            ms = bench(run) if err < 2e-2 else float("nan")
         except Exception as exc:  # noqa: BLE001 - recorded, the sweep goes on
             err, ms = float("nan"), float("nan")
             name += f" (failed: {type(exc).__name__}: {str(exc)[:80]})"
