@@ -351,7 +351,7 @@ def _from_rms_norm(match: Match) -> Optional[_Site]:
     w = node.args[2] if len(node.args) > 2 else node.kwargs.get("weight")
     eps = node.args[3] if len(node.args) > 3 else node.kwargs.get("eps")
     tx = fake(x)
-    if tx is None or not isinstance(eps, float) or len(shape) != 1 or not same_size(shape[0], tx.shape[-1]):
+    if tx is None or not _eps_value(eps) or len(shape) != 1 or not same_size(shape[0], tx.shape[-1]):
         return None
     site = _Site(x=x, eps=eps, nodes=[node], spelling=["rms_norm"])
     if w is not None:
