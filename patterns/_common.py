@@ -7,6 +7,7 @@ inputs of one dtype on one device type the settings allow.  Anything unknown mea
 from __future__ import annotations
 
 import dataclasses
+import operator
 import re
 from typing import Callable, Iterable, Optional, Sequence
 
@@ -16,7 +17,7 @@ from torch import fx
 from glu_fusion import config
 
 __all__ = ["Family", "fake", "same_size", "same_shape", "declared_kwargs_only", "ordered_pure_span",
-           "common_tensor_kind", "source_line", "module_path", "copy_meta", "shape_str", "REWRITE_DTYPES"]
+           "metadata_only", "value_users", "single_value_user", "erase_dead", "common_tensor_kind", "source_line", "module_path", "copy_meta", "shape_str", "REWRITE_DTYPES"]
 
 #: dtypes the fused ops run their kernels for; other dtypes are left alone.
 REWRITE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -72,12 +73,68 @@ def declared_kwargs_only(match: object) -> bool:
     return True
 
 
+_METADATA_METHODS = frozenset({"size", "dim", "ndimension", "stride", "numel", "nelement", "get_device",
+                               "is_contiguous", "is_floating_point", "is_complex"})
+_METADATA_FUNCTIONS = frozenset({torch.ops.aten.sym_size.int, torch.ops.aten.sym_stride.int,
+                                 torch.ops.aten.sym_numel.default, torch.ops.aten.dim.default,
+                                 torch.numel, torch.is_floating_point, torch.is_complex})
+_METADATA_ATTRIBUTES = frozenset({"shape", "ndim", "dtype", "device", "layout", "is_cuda"})
+
+
+def metadata_only(user: fx.Node) -> bool:
+    """Whether ``user`` reads only the metadata of its tensor argument (``t.size()``, ``t.dim()``,
+    ``t.shape``, ``aten.sym_size``...), never its values.
+
+    With symbolic shapes Dynamo writes ``t.view(s.shape)`` as a ``size()`` call on ``s``: such a
+    reader does not keep the tensor's values alive, so it is no second user of an intermediate.
+    """
+    if user.op == "call_method":
+        return user.target in _METADATA_METHODS
+    if user.op != "call_function":
+        return False
+    if user.target in _METADATA_FUNCTIONS:
+        return True
+    return (user.target is getattr and len(user.args) == 2 and user.args[1] in _METADATA_ATTRIBUTES)
+
+
+def value_users(node: fx.Node) -> list[fx.Node]:
+    """The users of ``node`` that read its values (metadata-only readers left out)."""
+    return [u for u in node.users if not metadata_only(u)]
+
+
+def single_value_user(node: fx.Node) -> Optional[fx.Node]:
+    """The one user reading ``node``'s values, or None when there are none or several."""
+    users = value_users(node)
+    return users[0] if len(users) == 1 else None
+
+
+def erase_dead(graph: fx.Graph, nodes: Sequence[fx.Node]) -> None:
+    """Erase the nodes of a rewritten site that nothing reads any more, last first, with the
+    metadata-only readers left dangling on them."""
+    for n in reversed(nodes):
+        for u in list(n.users):
+            if metadata_only(u) and not u.users:
+                graph.erase_node(u)
+        if not n.users:
+            graph.erase_node(n)
+
+
 _STATEFUL = re.compile(r"(^|_)(set|enter|exit|seed|setitem|delitem)(_|$)")
 
+#: Python's augmented assignments: on a tensor ``a += b`` writes into ``a``.
+IN_PLACE_OPERATORS = frozenset({
+    operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv, operator.imod,
+    operator.ipow, operator.imatmul, operator.iand, operator.ior, operator.ixor, operator.ilshift,
+    operator.irshift})
 
-def _may_mutate(node: fx.Node) -> bool:
+
+def _may_mutate(node: fx.Node, allowed: frozenset = frozenset()) -> bool:
     if node.op in ("placeholder", "get_attr", "output"):
         return False
+    if node in allowed:
+        return False
+    if node.op == "call_function" and node.target in IN_PLACE_OPERATORS:
+        return True
     if node.op == "call_module":
         return True
     target = node.target
@@ -95,13 +152,17 @@ def _may_mutate(node: fx.Node) -> bool:
     return node.kwargs.get("out") is not None
 
 
-def ordered_pure_span(nodes: Iterable[fx.Node], last: fx.Node) -> Optional[list[fx.Node]]:
+def ordered_pure_span(nodes: Iterable[fx.Node], last: fx.Node,
+                      allowed: Iterable[fx.Node] = ()) -> Optional[list[fx.Node]]:
     """``nodes`` and ``last`` in graph order, or None when a node from the earliest of them up to
     ``last`` may mutate state (or one of them does not come before ``last``).
 
     The fused op replaces the whole site at ``last``; a mutation anywhere in between (of an input,
-    of a view, an autocast or grad-mode switch) could make that move change results.
+    of a view, an autocast or grad-mode switch, ``t *= 2``) could make that move change results.
+    ``allowed`` names in-place nodes of the site itself that the family has checked write only
+    an intermediate nothing else reads (the op computes their value).
     """
+    allowed = frozenset(allowed)
     pending = {n for n in nodes if n is not last}
     ordered = [last]
     node = last
@@ -112,7 +173,7 @@ def ordered_pure_span(nodes: Iterable[fx.Node], last: fx.Node) -> Optional[list[
         if node in pending:
             pending.discard(node)
             ordered.append(node)
-        if _may_mutate(node):
+        if _may_mutate(node, allowed):
             return None
     ordered.reverse()
     return ordered

@@ -28,7 +28,8 @@ from torch._inductor.pattern_matcher import CallFunction, CallMethod, KeywordArg
 from glu_fusion import config
 from glu_fusion.compile.report import REPORT, Rewrite
 
-from ._common import REWRITE_DTYPES, Family, copy_meta, fake, ordered_pure_span, same_shape, same_size, shape_str, site_resolves, source_line
+from ._common import (REWRITE_DTYPES, Family, copy_meta, erase_dead, fake, ordered_pure_span, same_shape, same_size,
+                      shape_str, site_resolves, source_line, value_users)
 from .rms_norm_gated import _ADD_F, _ADD_M, _Site, _binary, _is, _single_user
 from .rms_norm_gated import _from_rsqrt as _gated_walk
 
@@ -106,7 +107,7 @@ def _from_rsqrt(match: Match) -> Optional[_Site]:
     site = _gated_walk(match)
     if site is None or site.z is not None or site.group_size is not None or site.out is None:
         return None
-    if site.weight is None and len(site.out.users) > 1:
+    if site.weight is None and len(value_users(site.out)) > 1:
         return None  # the normalised value read twice before any weight: not a norm layer's output
     tx = fake(site.x)
     nxt = _single_user(site.out)
@@ -188,7 +189,7 @@ def _resolve(match: Match, kind: str) -> Optional[_Plan]:
     if site.x in inner or (site.weight is not None and site.weight in inner):
         return None
     for n in site.nodes:
-        if n is not site.out and not set(n.users) <= inner:
+        if n is not site.out and not set(value_users(n)) <= inner:
             return None
     pair = _residual_add(site)
     add = site.x if pair is not None else None
@@ -198,7 +199,7 @@ def _resolve(match: Match, kind: str) -> Optional[_Plan]:
     else:
         x, residual = site.x, None
         span = site.nodes
-    ordered = ordered_pure_span(span, site.out)
+    ordered = ordered_pure_span(span, site.out, allowed=site.in_place)
     if ordered is None:
         return None
     site.nodes = [n for n in ordered if n is not add]
@@ -222,7 +223,8 @@ def _rewrite(match: Match, kind: str) -> None:
         return
     site = plan.site
     graph = site.out.graph
-    args = (plan.x, site.weight, plan.residual, float(site.eps), float(site.offset), site.downcast)
+    eps = site.eps if isinstance(site.eps, fx.Node) else float(site.eps)  # a SymFloat node under dynamic=True
+    args = (plan.x, site.weight, plan.residual, eps, float(site.offset), site.downcast)
     with graph.inserting_before(plan.at):
         op = graph.call_function(torch.ops.glu_fusion.rms_norm.default, args)
         y = graph.call_function(operator.getitem, (op, 0))
@@ -237,9 +239,7 @@ def _rewrite(match: Match, kind: str) -> None:
     REPORT.add(Rewrite(family=NAME, spelling=spelling, shapes=(f"x{shape_str(plan.x)}",),
                        dtype=str(tx.dtype).replace("torch.", ""), source=source_line(site.out)))
     site.out.replace_all_uses_with(y)
-    for n in reversed(site.nodes):
-        if not n.users:
-            graph.erase_node(n)
+    erase_dead(graph, site.nodes)
     if h is not None:
         plan.add.replace_all_uses_with(h)
         graph.erase_node(plan.add)

@@ -30,8 +30,8 @@ from torch._inductor.pattern_matcher import CallFunction, CallMethod, KeywordArg
 from glu_fusion import config
 from glu_fusion.compile.report import REPORT, Rewrite
 
-from ._common import (REWRITE_DTYPES, Family, copy_meta, fake, ordered_pure_span, same_size, shape_str,
-                      site_resolves, source_line)
+from ._common import (REWRITE_DTYPES, Family, copy_meta, erase_dead, fake, ordered_pure_span, same_size,
+                      shape_str, single_value_user, site_resolves, source_line, value_users)
 
 NAME = "rms_norm_gated"
 _FP32 = torch.float32
@@ -85,12 +85,28 @@ def _act(node) -> Optional[tuple[str, fx.Node]]:
     return None
 
 
+def _eps_value(eps: object) -> bool:
+    """A Python float, or a graph value that is a symbolic float.
+
+    Under ``torch.compile(dynamic=True)`` a float held by a module or a global is not baked in:
+    Dynamo passes it as a 0-dim tensor input and reads it with ``.item()``, a node whose traced
+    value is a ``SymFloat``.  The op's ``float`` argument takes that node as it is, so the compiled
+    code reads the eps of each call (a tensor-valued eps is a different computation: left alone).
+    """
+    if isinstance(eps, float):
+        return True
+    if not isinstance(eps, fx.Node):
+        return False
+    value = eps.meta.get("example_value", eps.meta.get("val"))
+    return isinstance(value, torch.SymFloat)
+
+
 @dataclasses.dataclass
 class _Site:
     x: fx.Node
     z: Optional[fx.Node] = None
     weight: Optional[fx.Node] = None
-    eps: float = 0.0
+    eps: object = 0.0  # a float, or a node with a SymFloat value (see _eps_value)
     activation: str = "silu"
     norm_before_gate: bool = True
     offset: float = 0.0
@@ -99,6 +115,7 @@ class _Site:
     group_size: Optional[int] = None
     spelling: list = dataclasses.field(default_factory=list)
     nodes: list = dataclasses.field(default_factory=list)
+    in_place: list = dataclasses.field(default_factory=list)  # ``h *= t`` nodes on the site's own h
     out: Optional[fx.Node] = None
 
 
@@ -152,7 +169,8 @@ def _norm_input(s: fx.Node, site: _Site) -> bool:
 
 
 def _single_user(node: fx.Node) -> Optional[fx.Node]:
-    return next(iter(node.users)) if len(node.users) == 1 else None
+    """The one node reading ``node``'s values; ``size()``/``.shape`` readers do not count."""
+    return single_value_user(node)
 
 
 def _other(args, node):
@@ -177,19 +195,21 @@ def _downstream(h: fx.Node, site: _Site, stage: int = 0) -> None:
             site.nodes.append(nxt)
             h = nxt
             continue
-        args = _binary(nxt, _MUL_F, _MUL_M) or _in_place_product(nxt, h)
+        in_place = _in_place_product(nxt, h)
+        args = _binary(nxt, _MUL_F, _MUL_M) or in_place
         other = _other(args, h) if args else None
         if not isinstance(other, fx.Node):
             break
         if stage == 0 and site.weight is None and _weight(other, site):
-            site.nodes.append(nxt)
-            h, stage = nxt, 1
-            continue
-        if site.norm_before_gate and site.z is None and stage < 2 and _gate(other, site) is not None:
-            site.nodes.append(nxt)
-            h, stage = nxt, 2
-            continue
-        break
+            stage = 1
+        elif site.norm_before_gate and site.z is None and stage < 2 and _gate(other, site) is not None:
+            stage = 2
+        else:
+            break
+        site.nodes.append(nxt)
+        if in_place:
+            site.in_place.append(nxt)
+        h = nxt
     site.out = h
 
 
@@ -234,8 +254,8 @@ def _from_rsqrt(match: Match) -> Optional[_Site]:
     added = _binary(anchor.args[0], _ADD_F, _ADD_M)
     if added is None:
         return None
-    var, eps = added if isinstance(added[1], float) else added[::-1]
-    if not isinstance(eps, float) or not _is(var, (torch.mean,), ("mean",)):
+    var, eps = added if _is(added[0], (torch.mean,), ("mean",)) else added[::-1]
+    if not _eps_value(eps) or not _is(var, (torch.mean,), ("mean",)):
         return None
     dims = var.args[1:] or (var.kwargs.get("dim"),)
     if len(dims) != 1 or dims[0] not in (-1, [-1], (-1,)) or var.kwargs.get("keepdim") is not True or \
@@ -331,7 +351,7 @@ def _from_rms_norm(match: Match) -> Optional[_Site]:
     w = node.args[2] if len(node.args) > 2 else node.kwargs.get("weight")
     eps = node.args[3] if len(node.args) > 3 else node.kwargs.get("eps")
     tx = fake(x)
-    if tx is None or not isinstance(eps, float) or len(shape) != 1 or not same_size(shape[0], tx.shape[-1]):
+    if tx is None or not _eps_value(eps) or len(shape) != 1 or not same_size(shape[0], tx.shape[-1]):
         return None
     site = _Site(x=x, eps=eps, nodes=[node], spelling=["rms_norm"])
     if w is not None:
@@ -374,9 +394,9 @@ def _resolve(match: Match, kind: str) -> Optional[_Site]:
     if site.x in inner or site.z in inner or (site.weight is not None and site.weight in inner):
         return None
     for n in site.nodes:
-        if n is not site.out and not set(n.users) <= inner:
+        if n is not site.out and not set(value_users(n)) <= inner:
             return None
-    ordered = ordered_pure_span(site.nodes, site.out)
+    ordered = ordered_pure_span(site.nodes, site.out, allowed=site.in_place)
     if ordered is None:
         return None
     site.nodes = ordered
@@ -405,9 +425,7 @@ def _rewrite(match: Match, kind: str) -> None:
     REPORT.add(Rewrite(family=NAME, spelling=spelling, shapes=(f"x{shape_str(site.x)}",),
                        dtype=str(tx.dtype).replace("torch.", ""), source=source_line(site.out)))
     site.out.replace_all_uses_with(out)
-    for n in reversed(site.nodes):
-        if not n.users:
-            graph.erase_node(n)
+    erase_dead(graph, site.nodes)
 
 
 def register(pass_) -> None:

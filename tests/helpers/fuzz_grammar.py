@@ -484,12 +484,6 @@ def _leaves(module: nn.Module, inputs: list) -> tuple[list, list]:
 def known_missed_rewrite(c: Case) -> Optional[str]:
     """Why the pass is known to leave this positive case alone (results stay right), or None.
     Each reason has a strict-xfail test in ``test_fuzz_regressions.py`` that fails once fixed."""
-    if c.kind == "rms_norm_gated" and c.dynamic == "dynamic":
-        return ("dynamic=True turns the float eps into a graph input (a SymFloat from .item()); "
-                "the gated-norm matcher needs a constant eps")
-    if c.kind == "rms_norm_gated" and c.dynamic != "static" and c.spelling.startswith("grouped"):
-        return ("with a symbolic batch the merge-back view reads x.size(), a second user of the "
-                "upcast input, and the gated-norm matcher refuses intermediates with other users")
     return None
 
 
