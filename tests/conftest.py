@@ -21,6 +21,21 @@ import pytest  # noqa: E402
 
 import glu_fusion
 import glu_fusion.ops  # noqa: F401  (registers every op: test files name them when they load)
+
+
+def _import_every_kernel_module() -> None:
+    """Decorate every Triton kernel now, while ``TRITON_INTERPRET`` holds the session's value:
+    the ops import kernel modules lazily, and a first import inside a test that switched the
+    interpreter off would build the kernels for a GPU this machine may not have."""
+    import importlib
+    import pkgutil
+
+    import glu_fusion.kernels
+    for info in pkgutil.iter_modules(glu_fusion.kernels.__path__):
+        importlib.import_module(f"glu_fusion.kernels.{info.name}")
+
+
+_import_every_kernel_module()
 from glu_fusion.compile.report import REPORT
 
 
