@@ -345,13 +345,21 @@ def _is_ungroup(node: fx.Node, like: fx.Node) -> bool:
             and all(same_size(a, b) for a, b in zip(tn.shape, tl.shape)))
 
 
+def _traced_size(v: object) -> object:
+    """A size argument as traced: a graph node (``x.size()[-1]`` under dynamic shapes) stands
+    for the SymInt Dynamo recorded for it."""
+    if isinstance(v, fx.Node):
+        return v.meta.get("example_value", v.meta.get("val"))
+    return v
+
+
 def _from_rms_norm(match: Match) -> Optional[_Site]:
     node = match.output_node()
     x, shape = node.args[0], node.args[1]
     w = node.args[2] if len(node.args) > 2 else node.kwargs.get("weight")
     eps = node.args[3] if len(node.args) > 3 else node.kwargs.get("eps")
     tx = fake(x)
-    if tx is None or not _eps_value(eps) or len(shape) != 1 or not same_size(shape[0], tx.shape[-1]):
+    if tx is None or not _eps_value(eps) or len(shape) != 1 or not same_size(_traced_size(shape[0]), tx.shape[-1]):
         return None
     site = _Site(x=x, eps=eps, nodes=[node], spelling=["rms_norm"])
     if w is not None:
