@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import glu_fusion
 from glu_fusion.compile.pre_grad import GluPass
 from glu_fusion.compile.report import REPORT
-from helpers.graphs import Captured
+from helpers.graphs import Captured, capture_training_graphs
 from helpers.models import GatedNormQwen3Next
 
 
@@ -86,13 +86,7 @@ class GeGLU(nn.Module):
 @pytest.fixture
 def capture(cpu_rewrites, monkeypatch):
     monkeypatch.setattr(glu_fusion.config, "recompute", False)
-
-    def run(module, x):
-        cap = Captured()
-        torch.compile(module, backend=cap, fullgraph=True)(x.requires_grad_()).sum().backward()
-        return cap
-
-    return run
+    return capture_training_graphs
 
 
 class TestSnapshots(expecttest.TestCase):

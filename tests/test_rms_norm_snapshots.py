@@ -11,7 +11,7 @@ import torch.nn as nn
 import glu_fusion.patterns.rms_norm as family
 from glu_fusion.compile.report import REPORT
 
-from helpers.graphs import Captured
+from helpers.graphs import capture_training_graphs
 
 
 class LlamaRMSNorm(nn.Module):
@@ -83,13 +83,7 @@ class NormedReused(LlamaRMSNorm):
 @pytest.fixture
 def capture(cpu_rewrites, monkeypatch):
     monkeypatch.setattr(family, "REWRITE_DEVICE_TYPES", ("cuda", "cpu"))
-
-    def run(module, x):
-        cap = Captured()
-        torch.compile(module, backend=cap, fullgraph=True)(x.requires_grad_()).sum().backward()
-        return cap
-
-    return run
+    return capture_training_graphs
 
 
 class TestRMSNormSnapshots(expecttest.TestCase):

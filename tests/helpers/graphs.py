@@ -88,3 +88,10 @@ class Captured:
             return make_boxed_func(g.forward)
 
         return aot_autograd(fw_compiler=fw, bw_compiler=bw)(gm, example_inputs)
+
+
+def capture_training_graphs(module, x: torch.Tensor) -> Captured:
+    """Compile ``module`` through :class:`Captured`, run one forward and backward of ``x``."""
+    cap = Captured()
+    torch.compile(module, backend=cap, fullgraph=True)(x.requires_grad_()).sum().backward()
+    return cap

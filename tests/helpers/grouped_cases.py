@@ -9,6 +9,7 @@ from typing import Optional
 import torch
 
 from glu_fusion import grouped_reference
+from helpers.swiglu_cases import check_against_float64 as float64_check
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 
@@ -143,27 +144,13 @@ def rel_error(got: torch.Tensor, want: torch.Tensor) -> float:
 def check_against_float64(problem: GroupedProblem, tol: float) -> dict:
     """Forward and every gradient against float64 autograd of the reference; also that the
     padded tail's output and the gradients of experts without tokens are exact zeros."""
-    out = problem.run()
-    dout = torch.randn_like(out)
-    grads = torch.autograd.grad(out, problem.leaves, dout)
-    leaves64 = [t.detach().double().requires_grad_() for t in problem.leaves]
-    out64 = problem.oracle(leaves64)
-    grads64 = torch.autograd.grad(out64, leaves64, dout.double())
-    names = ["out", "x"] + [f"w{i}" for i in range(len(problem.weights))] + \
-        [f"b{i}" for i in range(len(problem.biases))]
-    errors = {}
-    for name, got, want in zip(names, [out, *grads], [out64, *grads64]):
-        assert got.shape == want.shape, (name, got.shape, want.shape)
-        assert got.dtype == problem.x.dtype, (name, got.dtype)
-        errors[name] = rel_error(got, want)
-    bad = {k: v for k, v in errors.items() if not v <= tol}
-    assert not bad, f"errors over {tol}: {bad}"
+    errors, (out, *grads) = float64_check(problem, tol)
 
     routed = int(problem.offsets[-1])
     assert (out[routed:] == 0).all() and (grads[0][routed:] == 0).all()
     counts = torch.diff(problem.offsets, prepend=problem.offsets.new_zeros(1))
     empty = (counts == 0).nonzero().flatten().tolist()
-    for name, grad in zip(names[2:], grads[1:]):
+    for name, grad in zip(list(errors)[2:], grads[1:]):
         for e in empty:
             assert (grad[e] == 0).all(), f"{name} of empty expert {e} is not zero"
     return errors

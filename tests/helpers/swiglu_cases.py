@@ -81,9 +81,11 @@ def rel_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
 
 
-def check_against_float64(problem: Problem, tol: float) -> dict:
+def check_against_float64(problem, tol: float) -> tuple[dict, list]:
     """Run forward and backward, compare output and every gradient with float64 autograd of
-    the reference; return the errors by name and assert each is within ``tol``."""
+    the reference; assert each is within ``tol``.  Returns the errors by name and the output
+    and gradients.  ``problem`` has ``run()``, ``oracle(leaves)``, ``leaves``, ``weights``,
+    ``biases`` and ``x`` (the SwiGLU and expert problems both do)."""
     out = problem.run()
     dout = torch.randn_like(out)
     grads = torch.autograd.grad(out, problem.leaves, dout)
@@ -99,4 +101,4 @@ def check_against_float64(problem: Problem, tol: float) -> dict:
         errors[name] = rel_error(got, want)
     bad = {k: v for k, v in errors.items() if not v <= tol}
     assert not bad, f"errors over {tol}: {bad}"
-    return errors
+    return errors, [out, *grads]
