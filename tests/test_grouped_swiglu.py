@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from glu_fusion import functional
-from glu_fusion.ops import grouped_swiglu as ops
 from helpers.grouped_cases import FORMS, ROUTINGS, TOLERANCE, check_against_float64, make_problem, offsets_of
 
 # Triton's interpreter only runs when the suite has no GPU (conftest.py): then these tests run

@@ -15,7 +15,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import glu_fusion
-from glu_fusion.compile.pre_grad import GluPass
 from glu_fusion.compile.report import REPORT
 from helpers.graphs import Captured, capture_training_graphs
 from helpers.models import GatedNormQwen3Next

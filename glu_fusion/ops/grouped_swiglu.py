@@ -32,11 +32,11 @@ import torch
 from torch import Tensor
 
 from .. import grouped_reference
+from ..layouts import CONCAT_GATE_FIRST
 from ..weight_grad_store import accumulate_into_grad, active_store, deferrable
 from .autocast import register_autocast_follow
 from .dispatch import allow_tf32, check_same, empty_like_nothing, register_cuda_fast_path, use_kernels
 from .graph_twins import register_graph_twins
-from ..layouts import CONCAT_GATE_FIRST, LAYOUTS
 from .swiglu import packed_views
 
 ACTIVATION_CODES = {"silu": 0, "gptoss": 1}
