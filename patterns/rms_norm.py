@@ -21,9 +21,8 @@ import operator
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import fx
-from torch._inductor.pattern_matcher import CallFunction, CallMethod, KeywordArg, Match, register_graph_pattern
+from torch._inductor.pattern_matcher import Match, register_graph_pattern
 
 from glu_fusion import config
 from glu_fusion.compile.report import REPORT, Rewrite
@@ -32,6 +31,7 @@ from ._common import (REWRITE_DTYPES, Family, copy_meta, erase_dead, fake, order
                       shape_str, site_resolves, source_line, value_users)
 from .rms_norm_gated import _ADD_F, _ADD_M, _Site, _binary, _is, _single_user
 from .rms_norm_gated import _from_rsqrt as _gated_walk
+from .rms_norm_gated import norm_anchors
 
 NAME = "rms_norm"
 _FP32 = torch.float32
@@ -248,13 +248,7 @@ def _rewrite(match: Match, kind: str) -> None:
 def register(pass_) -> None:
     """Anchor patterns: ``rsqrt``/``sqrt`` in function and method form, and ``F.rms_norm``.
     Registered after the gated family, whose patterns share these anchors and come first."""
-    v = KeywordArg("v")
-    anchors = [("rsqrt", CallFunction(torch.rsqrt, v)), ("rsqrt", CallMethod("rsqrt", v)),
-               ("rsqrt", CallFunction(torch.sqrt, v)), ("rsqrt", CallMethod("sqrt", v))]
-    for target in (F.rms_norm, torch.rms_norm):
-        for n in (2, 3, 4):
-            anchors.append(("rms_norm", CallFunction(target, *[KeywordArg(f"a{i}") for i in range(n)])))
-    for kind, pattern in anchors:
+    for kind, pattern in norm_anchors():
         register_graph_pattern(pattern, extra_check=lambda m, k=kind: _check(m, k),
                                pass_dict=pass_)(lambda m, *a, k=kind, **kw: _rewrite(m, k))
 

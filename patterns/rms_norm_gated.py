@@ -436,15 +436,22 @@ def _rewrite(match: Match, kind: str) -> None:
     erase_dead(graph, site.nodes)
 
 
-def register(pass_) -> None:
-    """Anchor patterns: ``rsqrt``/``sqrt`` in function and method form, and ``F.rms_norm``."""
+def norm_anchors() -> list[tuple[str, object]]:
+    """Where an RMSNorm is anchored: ``rsqrt``/``sqrt`` in function and method form (kind
+    ``"rsqrt"``), and ``F.rms_norm`` / ``torch.rms_norm`` with 2-4 arguments (``"rms_norm"``).
+    Both norm families start from these."""
     v = KeywordArg("v")
     anchors = [("rsqrt", CallFunction(torch.rsqrt, v)), ("rsqrt", CallMethod("rsqrt", v)),
                ("rsqrt", CallFunction(torch.sqrt, v)), ("rsqrt", CallMethod("sqrt", v))]
     for target in (F.rms_norm, torch.rms_norm):
         for n in (2, 3, 4):
             anchors.append(("rms_norm", CallFunction(target, *[KeywordArg(f"a{i}") for i in range(n)])))
-    for kind, pattern in anchors:
+    return anchors
+
+
+def register(pass_) -> None:
+    """Register the norm anchors with this family's check and rewrite."""
+    for kind, pattern in norm_anchors():
         register_graph_pattern(pattern, extra_check=lambda m, k=kind: _check(m, k),
                                pass_dict=pass_)(lambda m, *a, k=kind, **kw: _rewrite(m, k))
 
