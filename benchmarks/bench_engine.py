@@ -1,0 +1,254 @@
+"""The Gluon GEMM engine against cuBLAS on one GPU (H200): every GEMM of one MLP forward and
+backward, the SwiGLU forward epilogue and the dgated backward epilogue against cuBLAS plus
+Inductor's elementwise kernel.  Each engine configuration is checked against a float32
+reference before it is timed (and again after, on a poisoned output); times are CUDA-event
+medians (``triton.testing.do_bench``), GPU time only.
+
+    python benchmarks/bench_engine.py --json out/engine.json --md out/engine.md [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+import triton
+from triton.testing import do_bench
+
+from glu_fusion.kernels.engine import host
+from glu_fusion.kernels.engine.host import Config
+
+WIDTHS = [(1024, 3072), (2048, 8192), (4096, 14336)]  # (D, N): hidden -> MLP width
+TOKENS = [4096, 16384]
+
+GEMM_CONFIGS = [
+    Config(128, 256, 64, 3),
+    Config(128, 256, 64, 4, store_n=64, store_bufs=2),
+    Config(128, 128, 64, 3, pingpong=True, store_n=64),
+    Config(128, 128, 64, 2, pingpong=True, store_n=64, store_bufs=2),
+    Config(128, 128, 64, 5),
+]
+SWIGLU_CONFIGS = [
+    Config(128, 128, 64, 4),
+    Config(128, 128, 64, 4, store_n=64, store_bufs=2),
+    Config(128, 128, 64, 3),
+    Config(64, 128, 64, 2, pingpong=True, store_n=64, store_bufs=2),
+]
+DGATED_CONFIGS = [Config(128, 128, 64, 4), Config(128, 128, 64, 3)]
+
+
+def bench(fn) -> float:
+    return do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3  # µs
+
+
+def relerr(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((x.float() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def try_config(run, check, poison) -> tuple[float, float] | tuple[None, str]:
+    """(µs, error) for a configuration that runs and is right; (None, why) otherwise."""
+    try:
+        poison()
+        run()
+        torch.cuda.synchronize()
+    except Exception as e:  # a configuration that does not fit or does not compile
+        return None, f"{type(e).__name__}: {str(e)[:160]}"
+    err = check()
+    if not err < 1e-2:
+        return None, f"wrong: relerr {err:.2e}"
+    t = bench(run)
+    poison()
+    run()
+    err2 = check()
+    if not err2 < 1e-2:
+        return None, f"wrong after timing: relerr {err2:.2e}"
+    return t, max(err, err2)
+
+
+def gemm_cases(m: int, d: int, n: int):
+    """(name, a, b) with out = a·b, in the layouts one MLP forward and backward read."""
+    bf = torch.bfloat16
+    x = torch.randn(m, d, device="cuda", dtype=bf)
+    wgu = torch.randn(2 * n, d, device="cuda", dtype=bf) / d ** 0.5
+    wd = torch.randn(d, n, device="cuda", dtype=bf) / n ** 0.5
+    h = torch.randn(m, n, device="cuda", dtype=bf)
+    dy = torch.randn(m, d, device="cuda", dtype=bf)
+    dgu = torch.randn(m, 2 * n, device="cuda", dtype=bf) / n ** 0.5
+    return [
+        ("gate/up x·Wᵀ", x, wgu.t()),
+        ("down h·Wdᵀ", h, wd.t()),
+        ("down dX dY·Wd", dy, wd),
+        ("gate/up dX dH·W", dgu, wgu),
+        ("down dW dYᵀ·h", dy.t(), h),
+        ("gate/up dW dHᵀ·x", dgu.t(), x),
+    ]
+
+
+def run_gemms(rows: list, quick: bool) -> None:
+    for d, n in WIDTHS:
+        for m in TOKENS[-1:] if quick else TOKENS:
+            for name, a, b in gemm_cases(m, d, n):
+                ref = a.float() @ b.float()
+                out = torch.empty(a.shape[0], b.shape[1], device="cuda", dtype=torch.bfloat16)
+                t_cublas = bench(lambda: torch.mm(a, b, out=out))
+                best = None
+                tried = {}
+                for cfg in GEMM_CONFIGS:
+                    t, info = try_config(lambda: host.matmul(a, b, out, cfg=cfg), lambda: relerr(out, ref),
+                                         lambda: out.fill_(float("nan")))
+                    tried[cfg.name] = round(t, 1) if t is not None else info
+                    if t is not None and (best is None or t < best[0]):
+                        best = (t, cfg.name)
+                flops = 2.0 * a.shape[0] * a.shape[1] * b.shape[1]
+                row = dict(kind="gemm", op=name, M=m, D=d, N=n, shape=[a.shape[0], b.shape[1], a.shape[1]],
+                           cublas_us=round(t_cublas, 1), cublas_tflops=round(flops / t_cublas / 1e6, 1),
+                           engine_us=round(best[0], 1) if best else None, config=best[1] if best else None,
+                           ratio=round(t_cublas / best[0], 3) if best else None, tried=tried)
+                rows.append(row)
+                print(f"gemm {name:18s} M={m:5d} {d}->{n}: cuBLAS {t_cublas:8.1f} us  engine "
+                      f"{row['engine_us']} us  cuBLAS/engine {row['ratio']}  {row['config']}", flush=True)
+                del ref, out
+            torch.cuda.empty_cache()
+
+
+def run_epilogues(rows: list, quick: bool) -> None:
+    bf = torch.bfloat16
+
+    @torch.compile
+    def gate(gu):
+        g, u = gu.chunk(2, dim=-1)
+        return torch.nn.functional.silu(g) * u
+
+    @torch.compile
+    def gate_backward(dh, gu):
+        g, u = gu.float().chunk(2, dim=-1)
+        dh = dh.float()
+        sig = torch.sigmoid(g)
+        return (torch.cat([dh * u * sig * (1 + g * (1 - sig)), dh * g * sig], dim=-1).to(bf),
+                (g * sig * u).to(bf))
+
+    for d, n in WIDTHS:
+        for m in TOKENS[-1:] if quick else TOKENS:
+            x = torch.randn(m, d, device="cuda", dtype=bf)
+            wgu = torch.randn(2 * n, d, device="cuda", dtype=bf) / d ** 0.5
+            wg, wu = wgu[:n], wgu[n:]
+            gu_ref = x.float() @ wgu.float().t()
+            g_ref, u_ref = gu_ref[:, :n], gu_ref[:, n:]
+            h_ref = torch.nn.functional.silu(g_ref) * u_ref
+            t_base = bench(lambda: gate(x @ wgu.t()))
+            h = torch.empty(m, n, device="cuda", dtype=bf)
+            pre = torch.empty(m, 2 * n, device="cuda", dtype=bf)
+            for save in (False, True):
+                best, tried = None, {}
+                for cfg in SWIGLU_CONFIGS:
+                    outs = (pre[:, :n], pre[:, n:]) if save else (None, None)
+
+                    def check():
+                        e = relerr(h, h_ref)
+                        if save:
+                            e = max(e, relerr(pre[:, :n], g_ref), relerr(pre[:, n:], u_ref))
+                        return e
+
+                    def poison():
+                        h.fill_(float("nan"))
+                        pre.fill_(float("nan"))
+                    t, info = try_config(lambda: host.swiglu_forward(x, wg, wu, None, None, h, *outs, cfg=cfg),
+                                         check, poison)
+                    tried[cfg.name] = round(t, 1) if t is not None else info
+                    if t is not None and (best is None or t < best[0]):
+                        best = (t, cfg.name)
+                row = dict(kind="swiglu_fwd", op="h, g, u" if save else "h", M=m, D=d, N=n,
+                           baseline_us=round(t_base, 1), engine_us=round(best[0], 1) if best else None,
+                           config=best[1] if best else None, ratio=round(t_base / best[0], 3) if best else None,
+                           tried=tried)
+                rows.append(row)
+                print(f"swiglu fwd ({row['op']:7s}) M={m:5d} {d}->{n}: cuBLAS+Inductor {t_base:8.1f} us  engine "
+                      f"{row['engine_us']} us  ratio {row['ratio']}  {row['config']}", flush=True)
+            # backward: dh = dY·Wd with the gate's backward in the epilogue
+            dy = torch.randn(m, d, device="cuda", dtype=bf)
+            wd = torch.randn(d, n, device="cuda", dtype=bf) / n ** 0.5
+            gu = (x @ wgu.t())
+            dh_ref = dy.float() @ wd.float()
+            g32, u32 = gu[:, :n].float(), gu[:, n:].float()
+            sig = torch.sigmoid(g32)
+            dg_ref, du_ref, hh_ref = dh_ref * u32 * sig * (1 + g32 * (1 - sig)), dh_ref * g32 * sig, g32 * sig * u32
+            del sig, g32, u32, dh_ref
+            t_base = bench(lambda: gate_backward(dy @ wd, gu))
+            dgu = torch.empty(m, 2 * n, device="cuda", dtype=bf)
+            hh = torch.empty(m, n, device="cuda", dtype=bf)
+            best, tried = None, {}
+            for cfg in DGATED_CONFIGS:
+                def check():
+                    return max(relerr(dgu[:, :n], dg_ref), relerr(dgu[:, n:], du_ref), relerr(hh, hh_ref))
+
+                def poison():
+                    dgu.fill_(float("nan"))
+                    hh.fill_(float("nan"))
+                t, info = try_config(lambda: host.dgated(dy, wd, gu[:, :n], gu[:, n:], dgu[:, :n], dgu[:, n:], hh,
+                                                         cfg=cfg), check, poison)
+                tried[cfg.name] = round(t, 1) if t is not None else info
+                if t is not None and (best is None or t < best[0]):
+                    best = (t, cfg.name)
+            row = dict(kind="dgated", op="dG, dU, h", M=m, D=d, N=n, baseline_us=round(t_base, 1),
+                       engine_us=round(best[0], 1) if best else None, config=best[1] if best else None,
+                       ratio=round(t_base / best[0], 3) if best else None, tried=tried)
+            rows.append(row)
+            print(f"dgated             M={m:5d} {d}->{n}: cuBLAS+Inductor {t_base:8.1f} us  engine "
+                  f"{row['engine_us']} us  ratio {row['ratio']}  {row['config']}", flush=True)
+            del x, wgu, gu_ref, g_ref, u_ref, h_ref, h, pre, dy, wd, gu, dg_ref, du_ref, hh_ref, dgu, hh
+            torch.cuda.empty_cache()
+
+
+def markdown(meta: dict, rows: list) -> str:
+    lines = [f"# Engine against cuBLAS ({meta['gpu']}, torch {meta['torch']}, triton {meta['triton']}, "
+             f"{meta['date']})", "",
+             "GPU time, CUDA-event medians in µs. Ratio = baseline time / engine time: above 1 the engine is "
+             "faster.", "",
+             "## Plain GEMMs of one MLP forward and backward (baseline: cuBLAS)", "",
+             "| GEMM | M | D→N | out×K | cuBLAS µs | engine µs | ratio | config |", "|---|---|---|---|---|---|---|---|"]
+    gemm = [r for r in rows if r["kind"] == "gemm"]
+    for r in gemm:
+        mm, nn, kk = r["shape"]
+        lines.append(f"| {r['op']} | {r['M']} | {r['D']}→{r['N']} | {mm}×{nn}×{kk} | {r['cublas_us']} | "
+                     f"{r['engine_us']} | {r['ratio']} | {r['config']} |")
+    ratios = [r["ratio"] for r in gemm if r["ratio"]]
+    if ratios:
+        lines += ["", f"Median ratio {statistics.median(ratios):.3f}, minimum {min(ratios):.3f} "
+                  f"({len(ratios)} GEMMs)."]
+    lines += ["", "## Fused epilogues (baseline: cuBLAS GEMM + Inductor's elementwise kernel)", "",
+              "| epilogue | writes | M | D→N | baseline µs | engine µs | ratio | config |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["kind"] != "gemm":
+            lines.append(f"| {r['kind']} | {r['op']} | {r['M']} | {r['D']}→{r['N']} | {r['baseline_us']} | "
+                         f"{r['engine_us']} | {r['ratio']} | {r['config']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", required=True)
+    parser.add_argument("--md", required=True)
+    parser.add_argument("--quick", action="store_true", help="M = 16384 only")
+    parser.add_argument("--only", choices=("gemm", "epilogues"), default=None)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                date=time.strftime("%Y-%m-%d"))
+    print(meta, flush=True)
+    rows: list = []
+    if args.only in (None, "gemm"):
+        run_gemms(rows, args.quick)
+    if args.only in (None, "epilogues"):
+        run_epilogues(rows, args.quick)
+    with open(args.json, "w") as f:
+        json.dump(dict(meta=meta, rows=rows), f, indent=1)
+    with open(args.md, "w") as f:
+        f.write(markdown(meta, rows))
+    print(markdown(meta, rows))
+
+
+if __name__ == "__main__":
+    main()

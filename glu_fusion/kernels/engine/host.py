@@ -1,0 +1,215 @@
+"""The engine's host side: tile configurations, TMA descriptors, launches, and which operands
+it can serve.
+
+Every launch is described by a ``Spec`` (the kernel, each descriptor's block shape, the
+constexprs), so that the launch and the ahead-of-time compile for sm_90 (CI, with no GPU)
+build exactly the same kernels.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+from torch import Tensor
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from .._launch import multiprocessors
+from . import kernels
+
+GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
+
+#: Shared memory one program may use on sm_90 (bytes).
+SHARED_MEMORY_LIMIT = 232448
+_WARPS = 4  # the default partition (consumer 0); the loader and consumer 1 add 1 + 4 warps
+
+
+@dataclass(frozen=True)
+class Config:
+    """One tile configuration.  ``block_m`` rows per tile (both consumers' rows in the
+    cooperative schedule, one consumer's in ping-pong), ``stages`` per ring, ``store_n`` the
+    width of a stored piece and ``store_bufs`` the staging buffers per consumer."""
+    block_m: int
+    block_n: int
+    block_k: int
+    stages: int
+    pingpong: bool = False
+    store_n: Optional[int] = None  # None: the tile's width
+    store_bufs: int = 1
+    group_m: int = 8
+    consumer_regs: int = 232
+
+    @property
+    def piece_n(self) -> int:
+        return self.store_n or self.block_n
+
+    @property
+    def consumer_rows(self) -> int:
+        return self.block_m if self.pingpong else self.block_m // 2
+
+    @property
+    def name(self) -> str:
+        schedule = "pp" if self.pingpong else "coop"
+        return (f"{schedule}{self.block_m}x{self.block_n}x{self.block_k}_s{self.stages}"
+                f"_st{self.piece_n}x{self.store_bufs}")
+
+    def shared_bytes(self, b_operands: int, staging: int, element: int = 2) -> int:
+        """Shared memory of the ring plus ``staging`` staging tiles per consumer, in bytes."""
+        rings = 2 if self.pingpong else 1
+        stage = (self.block_m * self.block_k + b_operands * self.block_n * self.block_k) * element
+        # a ping-pong ring stage holds one consumer's tile
+        ring = rings * self.stages * stage
+        return ring + 2 * staging * self.consumer_rows * self.piece_n * element + 1024
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A launch up to its tensors: the kernel, each descriptor parameter's block shape (in the
+    order of the kernel's parameters), and the constexprs."""
+    kernel: object
+    blocks: dict
+    constexprs: dict
+
+
+# The configurations the routes pick (benchmarks/RESULTS.md, "engine", has the sweep behind them).
+GEMM = Config(128, 256, 64, 3)
+SWIGLU_INFER = Config(128, 128, 64, 4)
+SWIGLU_TRAIN = Config(128, 128, 64, 4, store_n=64, store_bufs=2)
+DGATED = Config(128, 128, 64, 4)
+
+
+def _kmajor(t: Tensor) -> bool:
+    """Whether a 2-D operand is stored row by row (unit last stride); otherwise column by column."""
+    return t.stride(1) == 1
+
+
+def addressable(t: Optional[Tensor]) -> bool:
+    """Whether TMA can address a 2-D tensor: 16-bit floats, one unit stride, the other a
+    multiple of 16 bytes, a 16-byte aligned base, no empty dimension."""
+    if t is None:
+        return True
+    if t.dim() != 2 or t.dtype not in GL_DTYPES or t.numel() == 0 or t.data_ptr() % 16:
+        return False
+    size = t.element_size()
+    if t.stride(1) == 1:
+        return (t.stride(0) * size) % 16 == 0
+    return t.stride(0) == 1 and (t.stride(1) * size) % 16 == 0
+
+
+@functools.lru_cache(maxsize=None)
+def _shared_layout(block: tuple, dtype: torch.dtype):
+    return gl.NVMMASharedLayout.get_default_for(list(block), GL_DTYPES[dtype])
+
+
+def _descriptor(t: Tensor, block: tuple) -> TensorDescriptor:
+    return TensorDescriptor.from_tensor(t, list(block), _shared_layout(tuple(block), t.dtype))
+
+
+def _row_major(t: Tensor) -> Tensor:
+    """``t`` or its transpose, whichever has unit last stride (the descriptor's view)."""
+    return t if t.stride(1) == 1 else t.t()
+
+
+def _grid(m: int, n: int, cfg: Config, device: torch.device) -> tuple:
+    tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
+    return (min(tiles, multiprocessors(device.index if device.index is not None else torch.cuda.current_device())),)
+
+
+def _common(cfg: Config) -> dict:
+    return dict(PINGPONG=cfg.pingpong, STAGES=cfg.stages, GROUP_M=cfg.group_m, CONSUMER_REGS=cfg.consumer_regs)
+
+
+def gemm_spec(cfg: Config, a_kmajor: bool, b_kmajor: bool, has_bias: bool) -> Spec:
+    rows, bk, bn = cfg.consumer_rows, cfg.block_k, cfg.block_n
+    blocks = dict(a_desc=(rows, bk) if a_kmajor else (bk, rows), b_desc=(bn, bk) if b_kmajor else (bk, bn),
+                  c_desc=(rows, cfg.piece_n))
+    return Spec(kernels.gemm_kernel, blocks,
+                dict(HAS_BIAS=has_bias, A_KMAJOR=a_kmajor, B_KMAJOR=b_kmajor, STORE_BUFS=cfg.store_bufs,
+                     **_common(cfg)))
+
+
+def swiglu_spec(cfg: Config, b_kmajor: bool, has_bias: bool, save_preact: bool) -> Spec:
+    rows, bk, bn = cfg.consumer_rows, cfg.block_k, cfg.block_n
+    b_block = (bn, bk) if b_kmajor else (bk, bn)
+    out = (rows, cfg.piece_n)
+    blocks = dict(a_desc=(rows, bk), bg_desc=b_block, bu_desc=b_block, h_desc=out, g_desc=out, u_desc=out)
+    return Spec(kernels.swiglu_kernel, blocks,
+                dict(HAS_BIAS=has_bias, SAVE_PREACT=save_preact, B_KMAJOR=b_kmajor, STORE_BUFS=cfg.store_bufs,
+                     **_common(cfg)))
+
+
+def dgated_spec(cfg: Config, b_kmajor: bool) -> Spec:
+    rows, bk, bn = cfg.consumer_rows, cfg.block_k, cfg.block_n
+    tile = (rows, bn)
+    blocks = dict(a_desc=(rows, bk), b_desc=(bn, bk) if b_kmajor else (bk, bn), g_desc=tile, u_desc=tile,
+                  dg_desc=tile, du_desc=tile, h_desc=tile)
+    common = _common(cfg)
+    del common["PINGPONG"]
+    return Spec(kernels.dgated_kernel, blocks, dict(B_KMAJOR=b_kmajor, **common))
+
+
+def _launch(spec: Spec, grid: tuple, descriptor_tensors: dict, scalars: tuple) -> None:
+    descs = [_descriptor(descriptor_tensors[name], block) for name, block in spec.blocks.items()]
+    spec.kernel[grid](*descs, *scalars, num_warps=_WARPS, **spec.constexprs)
+
+
+def matmul(a: Tensor, b: Tensor, out: Tensor, bias: Optional[Tensor] = None, cfg: Config = GEMM) -> None:
+    """``out[M, N] = a[M, K]·b[K, N] (+ bias[N])``; each operand is read in the orientation it
+    has in memory (``x·Wᵀ`` is ``matmul(x, W.t())``, ``dYᵀ·X`` is ``matmul(dY.t(), X)``)."""
+    m, k = a.shape
+    n = b.shape[1]
+    spec = gemm_spec(cfg, _kmajor(a), not _kmajor(b), bias is not None)
+    tensors = dict(a_desc=_row_major(a), b_desc=_row_major(b), c_desc=out)
+    bias_args = (bias, bias.stride(0)) if bias is not None else (None, 0)
+    _launch(spec, _grid(m, n, cfg, out.device), tensors, (*bias_args, m, n, k))
+
+
+def swiglu_forward(x: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Optional[Tensor], b_up: Optional[Tensor],
+                   h: Tensor, g: Optional[Tensor], u: Optional[Tensor], cfg: Optional[Config] = None) -> None:
+    """``h = silu(x·Wgᵀ + bg)·(x·Wuᵀ + bu)``; ``g``, ``u`` (or None) receive the pre-activations.
+    The weights are ``[N, K]`` views of any packed layout (row stride as the layout gives)."""
+    m, k = x.shape
+    n = w_gate.shape[0]
+    save = g is not None
+    cfg = cfg or (SWIGLU_TRAIN if save else SWIGLU_INFER)
+    spec = swiglu_spec(cfg, True, b_gate is not None, save)
+    tensors = dict(a_desc=x, bg_desc=w_gate, bu_desc=w_up, h_desc=h, g_desc=g if save else h,
+                   u_desc=u if save else h)
+    if b_gate is not None:
+        bias_args = (b_gate, b_up, b_gate.stride(0), b_up.stride(0))
+    else:
+        bias_args = (None, None, 0, 0)
+    _launch(spec, _grid(m, n, cfg, h.device), tensors, (*bias_args, m, n, k))
+
+
+def dgated(dout: Tensor, w_down: Tensor, g: Tensor, u: Tensor, d_g: Tensor, d_u: Tensor, h: Tensor,
+           cfg: Config = DGATED) -> None:
+    """``dh = dOut·Wd`` (``Wd`` the ``[D, N]`` down weight) with the SwiGLU backward in the
+    epilogue: writes ``d_g``, ``d_u`` (which may be ``g``, ``u`` themselves) and ``h``."""
+    m, k = dout.shape
+    n = w_down.shape[1]
+    spec = dgated_spec(cfg, not _kmajor(w_down))
+    tensors = dict(a_desc=dout, b_desc=_row_major(w_down), g_desc=g, u_desc=u, dg_desc=d_g, du_desc=d_u, h_desc=h)
+    _launch(spec, _grid(m, n, cfg, dout.device), tensors, (m, n, k))
+
+
+def route_specs() -> list[tuple[str, Spec, torch.dtype]]:
+    """Every launch the ops can make, by name: what CI compiles for sm_90."""
+    specs = []
+    for dtype in GL_DTYPES:
+        tag = str(dtype).removeprefix("torch.")
+        for has_bias in (False, True):
+            specs.append((f"gemm x·Wᵀ bias={has_bias} {tag}", gemm_spec(GEMM, True, True, has_bias), dtype))
+        specs.append((f"gemm dY·W {tag}", gemm_spec(GEMM, True, False, False), dtype))
+        specs.append((f"gemm dYᵀ·X {tag}", gemm_spec(GEMM, False, False, False), dtype))
+        for save in (False, True):
+            for has_bias in (False, True):
+                cfg = SWIGLU_TRAIN if save else SWIGLU_INFER
+                specs.append((f"swiglu save={save} bias={has_bias} {tag}", swiglu_spec(cfg, True, has_bias, save),
+                              dtype))
+        for b_kmajor in (False, True):
+            specs.append((f"dgated wd_kmajor={b_kmajor} {tag}", dgated_spec(DGATED, b_kmajor), dtype))
+    return specs

@@ -1,0 +1,127 @@
+"""The Gluon GEMM engine on a Hopper GPU, against float64: every operand orientation, ragged
+sizes (not multiples of a tile), bias on and off, bf16 and fp16, both schedules, outputs
+poisoned with NaN before each launch.  The bound is cuBLAS's own error on the same inputs (both
+round the same fp32-accumulated result to the output dtype), with headroom for another
+summation order."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA device", allow_module_level=True)
+
+from glu_fusion.kernels import engine  # noqa: E402
+
+if not engine.available(torch.device("cuda")):
+    pytest.fail("the engine must run on this GPU (Hopper, triton with Gluon)", pytrace=False)
+
+from glu_fusion.kernels.engine import host  # noqa: E402
+from glu_fusion.kernels.engine.host import Config  # noqa: E402
+
+SCHEDULES = {"coop": host.GEMM, "coop_subtiled": Config(128, 256, 64, 4, store_n=64, store_bufs=2),
+             "pingpong": Config(128, 128, 64, 3, pingpong=True, store_n=64)}
+SIZES = [(300, 200, 136), (1000, 520, 1032), (64, 24, 8), (4096, 1024, 512)]  # M, N, K (N, K: multiples of 8)
+
+
+def rel(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((x.double() - ref).norm() / ref.norm()).item()
+
+
+def oriented(t: torch.Tensor, row_major: bool) -> torch.Tensor:
+    """The same values stored row by row, or column by column (a transposed contiguous copy)."""
+    return t if row_major else t.t().contiguous().t()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("a_rows,b_rows", [(True, False), (True, True), (False, True), (False, False)])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("schedule", sorted(SCHEDULES))
+def test_matmul(dtype, size, a_rows, b_rows, bias, schedule):
+    m, n, k = size
+    torch.manual_seed(m + n + k)
+    a = oriented(torch.randn(m, k, device="cuda", dtype=dtype), a_rows)
+    b = oriented(torch.randn(k, n, device="cuda", dtype=dtype) / k ** 0.5, b_rows)
+    bias_t = torch.randn(n, device="cuda", dtype=dtype) if bias else None
+    ref = a.double() @ b.double() + (bias_t.double() if bias else 0)
+    out = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
+    host.matmul(a, b, out, bias_t, cfg=SCHEDULES[schedule])
+    eager = torch.addmm(bias_t, a, b) if bias else a @ b
+    assert not out.isnan().any()
+    assert rel(out, ref) <= 2 * rel(eager, ref) + 1e-4
+
+
+SWIGLU_CONFIGS = {"infer": host.SWIGLU_INFER, "train": host.SWIGLU_TRAIN,
+                  "pingpong": Config(64, 128, 64, 2, pingpong=True, store_n=64, store_bufs=2)}
+
+
+def packed(weight: torch.Tensor, layout: str):
+    n = weight.shape[0] // 2
+    return (weight[:n], weight[n:]) if layout == "concat" else (weight[0::2], weight[1::2])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("size", [(300, 200, 136), (1000, 264, 520), (4096, 1024, 1024)])
+@pytest.mark.parametrize("layout", ["concat", "interleaved"])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("save", [False, True])
+@pytest.mark.parametrize("config", sorted(SWIGLU_CONFIGS))
+def test_swiglu_forward(dtype, size, layout, bias, save, config):
+    m, n, k = size
+    torch.manual_seed(m + n)
+    x = torch.randn(m, k, device="cuda", dtype=dtype)
+    weight = torch.randn(2 * n, k, device="cuda", dtype=dtype) / k ** 0.5
+    wg, wu = packed(weight, layout)
+    bias_t = torch.randn(2 * n, device="cuda", dtype=dtype) if bias else None
+    bg, bu = packed(bias_t, layout) if bias else (None, None)
+    g64 = x.double() @ wg.double().t() + (bg.double() if bias else 0)
+    u64 = x.double() @ wu.double().t() + (bu.double() if bias else 0)
+    h_ref = torch.nn.functional.silu(g64) * u64
+    h = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
+    pre = torch.full((m, 2 * n), float("nan"), device="cuda", dtype=dtype)
+    outs = (pre[:, :n], pre[:, n:]) if save else (None, None)
+    host.swiglu_forward(x, wg, wu, bg, bu, h, *outs, cfg=SWIGLU_CONFIGS[config])
+    g_e = torch.nn.functional.linear(x, wg, bg)
+    u_e = torch.nn.functional.linear(x, wu, bu)
+    h_e = torch.nn.functional.silu(g_e) * u_e
+    assert not h.isnan().any()
+    assert rel(h, h_ref) <= 2 * rel(h_e, h_ref) + 1e-4
+    if save:
+        assert rel(pre[:, :n], g64) <= 2 * rel(g_e, g64) + 1e-4
+        assert rel(pre[:, n:], u64) <= 2 * rel(u_e, u64) + 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("size", [(300, 200, 136), (1000, 264, 520), (4096, 3072, 1024)])
+@pytest.mark.parametrize("wd_rows", [True, False])
+@pytest.mark.parametrize("in_place", [False, True])
+def test_dgated(dtype, size, wd_rows, in_place):
+    m, n, d = size
+    torch.manual_seed(m + n + d)
+    dout = torch.randn(m, d, device="cuda", dtype=dtype)
+    wd = oriented(torch.randn(d, n, device="cuda", dtype=dtype) / n ** 0.5, wd_rows)
+    pre = torch.randn(m, 2 * n, device="cuda", dtype=dtype)
+    g64, u64 = pre[:, :n].double(), pre[:, n:].double()
+    dh64 = dout.double() @ wd.double()
+    sig = torch.sigmoid(g64)
+    refs = (dh64 * u64 * sig * (1 + g64 * (1 - sig)), dh64 * g64 * sig, g64 * sig * u64)
+    # eager: the GEMM rounded to the dtype, then the gate's backward in fp32
+    dh_e = (dout @ wd).float()
+    g32, u32 = pre[:, :n].float(), pre[:, n:].float()
+    s32 = torch.sigmoid(g32)
+    eager = (dh_e * u32 * s32 * (1 + g32 * (1 - s32)), dh_e * g32 * s32, g32 * s32 * u32)
+    eager = tuple(t.to(dtype) for t in eager)
+    source = pre.clone()
+    if in_place:
+        d_g, d_u = source[:, :n], source[:, n:]
+    else:
+        dgu = torch.full((m, 2 * n), float("nan"), device="cuda", dtype=dtype)
+        d_g, d_u = dgu[:, :n], dgu[:, n:]
+    h = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
+    host.dgated(dout, wd, source[:, :n], source[:, n:], d_g, d_u, h)
+    for got, ref, e in zip((d_g, d_u, h), refs, eager):
+        assert not got.isnan().any()
+        assert rel(got, ref) <= 2 * rel(e, ref) + 1e-4
