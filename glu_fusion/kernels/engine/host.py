@@ -74,10 +74,12 @@ class Spec:
     constexprs: dict
 
 
-# The configurations the routes pick (benchmarks/RESULTS.md, "engine", has the sweep behind them).
+# The configurations the routes pick (benchmarks/results/engine.md has the sweep behind them:
+# H200, 2026-12-02; the sub-tiled and ping-pong schedules are slower there or no faster, and
+# fail the GPU tests at M=300, N=200, K=136, so no route picks them yet).
 GEMM = Config(128, 256, 64, 3)
 SWIGLU_INFER = Config(128, 128, 64, 4)
-SWIGLU_TRAIN = Config(128, 128, 64, 4, store_n=64, store_bufs=2)
+SWIGLU_TRAIN = Config(128, 128, 64, 4)
 DGATED = Config(128, 128, 64, 4)
 
 
