@@ -29,6 +29,7 @@ from ..layouts import CONCAT_GATE_FIRST
 from .autocast import register_autocast_follow, register_autocast_passthrough
 from .dispatch import allow_tf32, check_same, register_cuda_fast_path, rows_2d, use_kernels
 from .graph_twins import register_graph_twins
+from . import swiglu as swiglu_ops
 from .plan_cache import PlanCache, plans_enabled, tensor_key
 from .swiglu import (_check_forward, check_packed, _dh_halves, _forward, _gate_grad_into,
                      _preact_halves, grads_from_dh, packed_views)
@@ -105,10 +106,24 @@ def _fused_dgated_serves(dout2d: Tensor, w_down: Tensor, *outputs: Optional[Tens
     return tma_eligible(dout2d, w_down, *outputs)
 
 
+def _engine_dgated_serves(dout2d: Tensor, w_down: Tensor, *outputs: Optional[Tensor]) -> bool:
+    """The Hopper engine's dgated GEMM: 1.10-2.0x cuBLAS's ``dOut·Wd`` plus the elementwise
+    pass (benchmarks/results/engine.md, H200), wherever TMA addresses every operand."""
+    from ..kernels import engine
+    if not (swiglu_ops._ENGINE and dout2d.shape[0] and dout2d.shape[1] and engine.available(dout2d.device)):
+        return False
+    from ..kernels.engine.host import addressable
+    return all(t is not None and addressable(t) for t in (dout2d, w_down, *outputs))
+
+
 def _dgated_into(dout2d: Tensor, preact: Tensor, w_down: Tensor, d_g: Tensor, d_u: Tensor,
                  h: Optional[Tensor]) -> None:
     """Write dG, dU (which may be the halves of ``preact`` itself) and, when given, ``h``."""
     g, u = _preact_halves(preact)
+    if _engine_dgated_serves(dout2d, w_down, g, u, d_g, d_u, h):
+        from ..kernels.engine.host import dgated
+        dgated(dout2d, w_down, g, u, d_g, d_u, h)
+        return
     if _fused_dgated_serves(dout2d, w_down, g, u, d_g, d_u, h):
         from ..kernels.mlp_dgated import mlp_dgated as launch
         launch(dout2d, w_down, g, u, d_g, d_u, h, allow_tf32())

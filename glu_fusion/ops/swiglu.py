@@ -56,6 +56,11 @@ def _env_choice(name: str, default: str, allowed: tuple[str, ...]) -> str:
 _FORWARD: str = _env_choice("GLU_FUSION_FORWARD", "auto", ("auto", "fused"))
 _BACKWARD: str = _env_choice("GLU_FUSION_BACKWARD", "gemm", ("gemm", "fused"))
 _FORWARD_TMA: bool = _env_choice("GLU_FUSION_TMA", "1", ("1", "0")) == "1"
+# ``GLU_FUSION_ENGINE=0`` keeps the Triton kernels where the Hopper engine would run.
+_ENGINE: bool = _env_choice("GLU_FUSION_ENGINE", "1", ("1", "0")) == "1"
+# Saving g and u too, the engine lost at 1024 features (0.94-0.96x cuBLAS + Inductor's gate)
+# and won from 2048 (1.05-1.15x): benchmarks/results/engine.md, H200, 2026-12-02.
+_ENGINE_TRAIN_MIN_K = 2048
 
 
 # The persistent TMA forward wins from about this many tokens on (H100, benchmarks/NOTES.md,
@@ -119,15 +124,33 @@ def check_packed(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> None:
     check_same("x", x, [("weight", weight), ("bias", bias)])
 
 
+def _engine_serves(x2d: Tensor, w_gate: Tensor, w_up: Tensor, out: Optional[Tensor],
+                   preact: Optional[Tensor], save_preact: bool) -> bool:
+    """Whether the Hopper engine runs this forward: on sm_90 with 16-bit operands TMA can
+    address, and, when the pre-activations are saved, from ``_ENGINE_TRAIN_MIN_K`` features."""
+    from ..kernels import engine
+    if not (_ENGINE and x2d.shape[1] > 0 and engine.available(x2d.device)):
+        return False
+    if save_preact and x2d.shape[1] < _ENGINE_TRAIN_MIN_K:
+        return False
+    from ..kernels.engine.host import addressable
+    n = w_gate.shape[0]
+    halves = (preact[:, :n], preact[:, n:]) if preact is not None else ()
+    return all(addressable(t) for t in (x2d, w_gate, w_up, out, *halves))
+
+
 def _route(x2d: Tensor, w_gate: Tensor, w_up: Tensor, out: Optional[Tensor], preact: Optional[Tensor],
            save_preact: bool) -> str:
     """The one place the forward picks its implementation for a 2-D problem:
-    ``"reference"`` (plain torch), ``"cublas"`` (two GEMMs into the pre-activations, then the
+    ``"reference"`` (plain torch), ``"engine"`` (the Hopper GEMM engine with the gate in its
+    epilogue), ``"cublas"`` (two GEMMs into the pre-activations, then the
     gate kernel: training calls from ``_CUBLAS_MIN_TOKENS`` tokens), ``"tma"`` (the persistent
     TMA kernel from ``_TMA_MIN_TOKENS`` tokens where every operand is TMA-addressable) or
     ``"pointer"`` (the fused pointer kernel)."""
     if not use_kernels(x2d):
         return "reference"
+    if _engine_serves(x2d, w_gate, w_up, out, preact, save_preact):
+        return "engine"
     m, k = x2d.shape
     if save_preact and _FORWARD == "auto" and m >= _CUBLAS_MIN_TOKENS and k > 0:
         return "cublas"
@@ -144,7 +167,7 @@ def _forward(x: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Optional[Tensor],
              b_up: Optional[Tensor], save_preact: bool) -> tuple[Tensor, Tensor]:
     if plans_enabled(x):
         key = (tensor_key(x), tensor_key(w_gate), tensor_key(w_up), tensor_key(b_gate),
-               tensor_key(b_up), save_preact, torch.get_float32_matmul_precision(), _FORWARD_TMA, _FORWARD)
+               tensor_key(b_up), save_preact, torch.get_float32_matmul_precision(), _FORWARD_TMA, _FORWARD, _ENGINE)
         plan = _FORWARD_PLANS.get(key, x, w_gate, w_up, b_gate, b_up, save_preact)
         if plan is not None:
             result = plan(x, w_gate, w_up, b_gate, b_up)
@@ -159,7 +182,9 @@ def _forward(x: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Optional[Tensor],
         out = torch.empty((m, n), device=x.device, dtype=x.dtype)
         preact = torch.empty((m, 2 * n), device=x.device, dtype=x.dtype) if save_preact else None
         route = _route(x2d, w_gate, w_up, out, preact, save_preact)
-        if route == "cublas":
+        if route == "engine":
+            _forward_engine(x2d, w_gate, w_up, b_gate, b_up, out, preact)
+        elif route == "cublas":
             _forward_cublas(x2d, w_gate, w_up, b_gate, b_up, out, preact)
         else:
             from ..kernels import swiglu_forward, swiglu_forward_tma
@@ -172,6 +197,13 @@ def _forward(x: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Optional[Tensor],
     if preact is None:
         preact = empty_like_nothing(x)
     return out.reshape(*lead, n), preact
+
+
+def _forward_engine(x2d: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Optional[Tensor],
+                    b_up: Optional[Tensor], out: Tensor, preact: Optional[Tensor]) -> None:
+    from ..kernels.engine.host import swiglu_forward
+    halves = _preact_halves(preact) if preact is not None else (None, None)
+    swiglu_forward(x2d, w_gate, w_up, b_gate, b_up, out, *halves)
 
 
 def _forward_cublas(x2d: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Optional[Tensor],
@@ -215,6 +247,16 @@ def _build_forward_plan(x: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Optiona
     route = _route(x2d, w_gate, w_up, out, preact, save_preact)
     if route == "reference":
         return None
+
+    if route == "engine":
+        def run_engine(x, w_gate, w_up, b_gate, b_up):
+            if (x.data_ptr() | w_gate.data_ptr() | w_up.data_ptr()) & 15:
+                return None   # the copy engine needs 16-byte aligned operands: general path
+            out = torch.empty(out_2d, device=device, dtype=dtype)
+            preact = torch.empty(pre_shape, device=device, dtype=dtype) if save_preact else None
+            _forward_engine(x.reshape(m, k), w_gate, w_up, b_gate, b_up, out, preact)
+            return out.reshape(out_shape), preact if save_preact else empty_like_nothing(x)
+        return run_engine
 
     if route == "cublas":
         def run_cublas(x, w_gate, w_up, b_gate, b_up):
