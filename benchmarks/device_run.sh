@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # What the GPU machine runs, in one call per stage; results and logs go to $OUT (or ./out).
-#   bash benchmarks/device_run.sh tests   GPU tests (pytest -m gpu)
+#   bash benchmarks/device_run.sh verify  the whole GPU suite in one call (xdist over the GPU, one file per
+#                                         worker), a pass/fail summary with date, GPU, torch and triton in
+#                                         $OUT/gpu_tests.log (commit it as benchmarks/results/gpu_tests.log)
+#   bash benchmarks/device_run.sh tests   GPU tests (pytest -m gpu), one process
 #   bash benchmarks/device_run.sh cpu     the CPU suite on this machine's torch (graph snapshots on 2.11)
 #   bash benchmarks/device_run.sh graphs  the graph-snapshot, post-grad pass and op tests alone on this machine's torch
 #   bash benchmarks/device_run.sh swiglu  SwiGLU benchmark (--quick with a second argument "quick")
@@ -42,6 +45,14 @@ esac
 for stage in $stages; do
   start=$(date +%s)
   case "$stage" in
+    verify) workers=""; python3 -c "import xdist" 2>/dev/null && workers="-n ${VERIFY_WORKERS:-6} --dist loadfile"
+            { echo "# GPU suite, $(date -u +%Y-%m-%d) on $(python3 -c 'import torch, triton; print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__)')"
+              echo "# python3 -m pytest -q -m gpu tests $workers"; } > "$OUT/gpu_tests.log"
+            timeout 540 python3 -m pytest -q -m gpu tests $workers -rfEs --tb=short -p no:cacheprovider \
+              > /tmp/gpu_tests_full.log 2>&1; echo "pytest rc=$?" >> /tmp/gpu_tests_full.log
+            cp /tmp/gpu_tests_full.log "$OUT/gpu_tests_full.log"
+            sed -n '/short test summary info/,$p' /tmp/gpu_tests_full.log >> "$OUT/gpu_tests.log"
+            cat "$OUT/gpu_tests.log" | tail -60 ;;
     tests) python3 -m pytest -q -m gpu tests -rfs --tb=line -p no:logging -p no:cacheprovider 2>&1 | tee /tmp/gpu_tests.log | grep -v "^DEBUG" | tail -40 ;;
     cpu) python3 -m pytest -q -n 8 -m "not gpu" tests -p no:cacheprovider 2>&1 | tail -15 ;;
     graphs) python3 -m pytest -q -m "not gpu" tests/test_pass_snapshots.py tests/test_saved_preact.py \

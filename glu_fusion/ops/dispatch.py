@@ -31,6 +31,15 @@ def use_kernels(t: Tensor) -> bool:
     return t.device.type == "cpu" and interpreter_active()
 
 
+def use_gemm_kernels(t: Tensor) -> bool:
+    """``use_kernels`` for kernels built on ``tl.dot``.  Triton's interpreter computes a bf16
+    ``tl.dot`` wrongly (values around 1e20 from triton 3.9 on), so bf16 CPU tensors take the
+    reference there instead of returning garbage; fp32 and fp16 dots are right."""
+    if t.dtype == torch.bfloat16 and not t.is_cuda:
+        return False
+    return use_kernels(t)
+
+
 def allow_tf32() -> bool:
     """fp32 dots may use tf32 only when the user allows it for ordinary matmuls too."""
     return torch.get_float32_matmul_precision() != "highest"

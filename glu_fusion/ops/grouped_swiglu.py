@@ -35,7 +35,7 @@ from .. import grouped_reference
 from ..layouts import CONCAT_GATE_FIRST
 from ..weight_grad_store import accumulate_into_grad, active_store, deferrable
 from .autocast import register_autocast_follow
-from .dispatch import allow_tf32, check_same, empty_like_nothing, register_cuda_fast_path, use_kernels
+from .dispatch import allow_tf32, check_same, empty_like_nothing, register_cuda_fast_path, use_gemm_kernels
 from .graph_twins import register_graph_twins
 from .swiglu import packed_views
 
@@ -78,7 +78,7 @@ def _check_forward(x: Tensor, offsets: Tensor, w_gate: Tensor, w_up: Tensor,
 def _forward(x, offsets, w_gate, w_up, b_gate, b_up, activation, alpha, limit, save_preact):
     _check_forward(x, offsets, w_gate, w_up, b_gate, b_up, activation)
     t, n = x.shape[0], w_gate.shape[1]
-    if use_kernels(x):
+    if use_gemm_kernels(x):
         from ..kernels.grouped_gemm import grouped_swiglu_forward
         out = x.new_empty((t, n))
         preact = x.new_empty((t, 2 * n)) if save_preact else None
@@ -144,7 +144,7 @@ def grouped_swiglu_dh(dout: Tensor, preact: Tensor, offsets: Tensor, activation:
                       limit: float) -> Tensor:
     """``[dG | dU]`` [T, 2N]; zero on the padded tail."""
     t, n = dout.shape
-    if use_kernels(dout):
+    if use_gemm_kernels(dout):
         from ..kernels.grouped_gate import grouped_gate_grad
         dh = preact.new_empty((t, 2 * n))
         grouped_gate_grad(dout, preact, offsets, dh, ACTIVATION_CODES[activation], alpha, limit)
@@ -162,7 +162,7 @@ def _(dout, preact, offsets, activation, alpha, limit):
 
 @torch.library.custom_op("glu_fusion::grouped_swiglu_dx", mutates_args=())
 def grouped_swiglu_dx(dh: Tensor, offsets: Tensor, w_gate: Tensor, w_up: Tensor) -> Tensor:
-    if use_kernels(dh):
+    if use_gemm_kernels(dh):
         from ..kernels.grouped_gemm import grouped_input_grad
         dx = dh.new_empty((dh.shape[0], w_gate.shape[2]))
         grouped_input_grad(dh, offsets, w_gate, w_up, dx, allow_tf32())
@@ -181,7 +181,7 @@ def grouped_swiglu_dw(dh: Tensor, x: Tensor, offsets: Tensor, layout: int, want_
     e, n2, k = offsets.shape[0], dh.shape[1], x.shape[1]
     dweight = x.new_empty((e, n2, k)) if want_weight else None
     dbias = x.new_empty((e, n2)) if want_bias else None
-    if use_kernels(x):
+    if use_gemm_kernels(x):
         from ..kernels.grouped_gemm import grouped_weight_grad
         dw_gate, dw_up = expert_views(dweight, layout) if want_weight else (None, None)
         db_gate, db_up = expert_views(dbias, layout) if want_bias else (None, None)

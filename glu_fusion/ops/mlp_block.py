@@ -27,7 +27,7 @@ from torch import Tensor
 
 from ..layouts import CONCAT_GATE_FIRST
 from .autocast import register_autocast_follow, register_autocast_passthrough
-from .dispatch import allow_tf32, check_same, register_cuda_fast_path, rows_2d, use_kernels
+from .dispatch import allow_tf32, check_same, register_cuda_fast_path, rows_2d, use_gemm_kernels
 from .graph_twins import register_graph_twins
 from . import swiglu as swiglu_ops
 from .plan_cache import PlanCache, plans_enabled, tensor_key
@@ -100,7 +100,7 @@ FUSED_DGATED = False
 def _fused_dgated_serves(dout2d: Tensor, w_down: Tensor, *outputs: Optional[Tensor]) -> bool:
     """The fused kernel needs the Triton kernels for this device, operands the copy engine can
     address, and a non-empty GEMM; everything else takes the GEMM + elementwise route."""
-    if not FUSED_DGATED or not use_kernels(dout2d) or dout2d.shape[0] == 0 or dout2d.shape[1] == 0:
+    if not FUSED_DGATED or not use_gemm_kernels(dout2d) or dout2d.shape[0] == 0 or dout2d.shape[1] == 0:
         return False
     from ..kernels import tma_eligible
     return tma_eligible(dout2d, w_down, *outputs)

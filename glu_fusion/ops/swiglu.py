@@ -30,7 +30,7 @@ from torch import Tensor
 from .. import reference
 from ..layouts import CONCAT_GATE_FIRST, CONCAT_UP_FIRST, INTERLEAVED_GATE_EVEN, INTERLEAVED_UP_EVEN, LAYOUTS
 from .autocast import register_autocast_follow, register_autocast_passthrough
-from .dispatch import allow_tf32, check_same, empty_like_nothing, register_cuda_fast_path, rows_2d, use_kernels
+from .dispatch import allow_tf32, check_same, empty_like_nothing, register_cuda_fast_path, rows_2d, use_gemm_kernels
 from .graph_twins import register_graph_twins
 from .plan_cache import PlanCache, plans_enabled, tensor_key
 from .weight_grad import weight_grad
@@ -147,7 +147,7 @@ def _route(x2d: Tensor, w_gate: Tensor, w_up: Tensor, out: Optional[Tensor], pre
     gate kernel: training calls from ``_CUBLAS_MIN_TOKENS`` tokens), ``"tma"`` (the persistent
     TMA kernel from ``_TMA_MIN_TOKENS`` tokens where every operand is TMA-addressable) or
     ``"pointer"`` (the fused pointer kernel)."""
-    if not use_kernels(x2d):
+    if not use_gemm_kernels(x2d):
         return "reference"
     if _engine_serves(x2d, w_gate, w_up, out, preact, save_preact):
         return "engine"
@@ -178,7 +178,7 @@ def _forward(x: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Optional[Tensor],
     lead = x.shape[:-1]
     x2d = rows_2d(x, k)
     m = x2d.shape[0]
-    if use_kernels(x):
+    if use_gemm_kernels(x):
         out = torch.empty((m, n), device=x.device, dtype=x.dtype)
         preact = torch.empty((m, 2 * n), device=x.device, dtype=x.dtype) if save_preact else None
         route = _route(x2d, w_gate, w_up, out, preact, save_preact)
@@ -366,7 +366,7 @@ def swiglu_dx(dout: Tensor, preact: Tensor, w_gate: Tensor, w_up: Tensor) -> Ten
     n, k = w_gate.shape
     dout2d = rows_2d(dout, n)
     g, u = _preact_halves(preact)
-    if use_kernels(dout):
+    if use_gemm_kernels(dout):
         from ..kernels import swiglu_input_grad
         dx = torch.empty((dout2d.shape[0], k), device=dout.device, dtype=dout.dtype)
         swiglu_input_grad(dout2d, g, u, w_gate, w_up, dx, allow_tf32())
@@ -402,7 +402,7 @@ def _gate_grad_into(dout: Tensor, preact: Tensor, d_g_out: Tensor, d_u_out: Tens
     n = preact.shape[1] // 2
     dout2d = rows_2d(dout, n)
     g, u = _preact_halves(preact)
-    if use_kernels(dout):
+    if use_gemm_kernels(dout):
         from ..kernels import swiglu_gate_grad
         swiglu_gate_grad(dout2d, g, u, d_g_out, d_u_out, h_out)
     else:
@@ -420,7 +420,7 @@ def _dh_halves(dh: Tensor, layout: int) -> tuple[Tensor, Tensor]:
 
 def _build_dh_plan(dout: Tensor, preact: Tensor, layout: int):
     """``swiglu_dh``'s host work for this signature, done once; None: general path."""
-    if not use_kernels(dout):
+    if not use_gemm_kernels(dout):
         return None
     from ..kernels.swiglu_bwd import gate_grad_plan
     n = preact.shape[1] // 2
@@ -474,7 +474,7 @@ def _check_dh_inplace(dout: Tensor, preact: Tensor) -> None:
 def _build_dh_inplace_plan(dout: Tensor, preact: Tensor):
     """``swiglu_dh_inplace``'s host work for this signature, done once; None: general path."""
     _check_dh_inplace(dout, preact)
-    if not use_kernels(dout):
+    if not use_gemm_kernels(dout):
         return None
     from ..kernels.swiglu_bwd import gate_grad_plan
     n = preact.shape[1] // 2
@@ -504,7 +504,7 @@ def _weight_grad_into(dout: Tensor, preact: Tensor, x: Tensor, dw_gate: Tensor, 
     n, k = dw_gate.shape
     dout2d, x2d = rows_2d(dout, n), rows_2d(x, k)
     g, u = _preact_halves(preact)
-    if use_kernels(dout):
+    if use_gemm_kernels(dout):
         from ..kernels import swiglu_weight_grad
         swiglu_weight_grad(dout2d, g, u, x2d, dw_gate, dw_up, db_gate, db_up, allow_tf32())
         return

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .autocast import register_autocast_passthrough
-from .dispatch import allow_tf32, register_cuda_fast_path, use_kernels
+from .dispatch import allow_tf32, register_cuda_fast_path, use_gemm_kernels
 from .graph_twins import register_graph_twins
 
 #: Our kernel takes shapes with at least this many tokens and output tiles for two waves.
@@ -26,7 +26,7 @@ ENABLED = False
 
 
 def _ours_serves(dh: Tensor, x: Tensor) -> bool:
-    if not (dh.is_cuda and use_kernels(dh)):
+    if not (dh.is_cuda and use_gemm_kernels(dh)):
         return False
     from ..kernels import tma_eligible
     from ..kernels._launch import multiprocessors
