@@ -23,7 +23,10 @@ from glu_fusion.kernels.engine.host import Config  # noqa: E402
 
 SCHEDULES = {"coop": host.GEMM, "coop_subtiled": Config(128, 256, 64, 4, store_n=64, store_bufs=2),
              "pingpong": Config(128, 128, 64, 3, pingpong=True, store_n=64)}
-SIZES = [(300, 200, 136), (1000, 520, 1032), (64, 24, 8), (4096, 1024, 512)]  # M, N, K (N, K: multiples of 8)
+# M, N, K: N and K multiples of 8 (16 bytes), so that TMA reads every operand in either
+# orientation; M = 300 is not, so an M-major A (a weight gradient's dYᵀ over 300 tokens) cannot be
+# read by TMA there and must be refused, while M = 296 can
+SIZES = [(300, 200, 136), (296, 200, 136), (1000, 520, 1032), (64, 24, 8), (4096, 1024, 512)]
 
 
 def rel(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -48,6 +51,10 @@ def test_matmul(dtype, size, a_rows, b_rows, bias, schedule):
     bias_t = torch.randn(n, device="cuda", dtype=dtype) if bias else None
     ref = a.double() @ b.double() + (bias_t.double() if bias else 0)
     out = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
+    if not a_rows and (m * a.element_size()) % 16:
+        with pytest.raises(ValueError, match="cannot be read by TMA"):
+            host.matmul(a, b, out, bias_t, cfg=SCHEDULES[schedule])
+        return
     host.matmul(a, b, out, bias_t, cfg=SCHEDULES[schedule])
     eager = torch.addmm(bias_t, a, b) if bias else a @ b
     assert not out.isnan().any()

@@ -154,6 +154,11 @@ def dgated_spec(cfg: Config, b_kmajor: bool) -> Spec:
 
 
 def _launch(spec: Spec, grid: tuple, descriptor_tensors: dict, scalars: tuple) -> None:
+    for name, t in descriptor_tensors.items():
+        if not addressable(t):
+            raise ValueError(f"glu_fusion engine: {name.removesuffix('_desc')} {tuple(t.shape)} with strides "
+                             f"{t.stride()} ({t.dtype}) cannot be read by TMA: 16-bit elements, one unit stride, "
+                             "the other a multiple of 16 bytes, a 16-byte aligned start")
     descs = [_descriptor(descriptor_tensors[name], block) for name, block in spec.blocks.items()]
     spec.kernel[grid](*descs, *scalars, num_warps=_WARPS, **spec.constexprs)
 

@@ -102,11 +102,13 @@ def _consumer(a_bufs, b_bufs, ready, empty, M, N, K, epi, WG: gl.constexpr,
     num_pid_n = gl.cdiv(N, BN)
     k_tiles = gl.cdiv(K, BK)
     my_tiles = gl.cdiv(num_pid_m * num_pid_n - start, nprog)
-    acc0 = gl.zeros([SUB_M, BN], gl.float32, ACC)
-    acc1 = gl.zeros([SUB_M, BN], gl.float32, ACC)
     c = 0  # this consumer's steps through its ring
     j = 0  # this consumer's tiles
     for t in range(FIRST_TILE, my_tiles, TILE_STEP):
+        # fresh accumulators per tile: carried across tiles, they would stay live through the
+        # epilogue beside its own temporaries (and spill there)
+        acc0 = gl.zeros([SUB_M, BN], gl.float32, ACC)
+        acc1 = gl.zeros([SUB_M, BN], gl.float32, ACC)
         pid_m, pid_n = tile_coords(start + t * nprog, num_pid_m, num_pid_n, GROUP_M)
         row = pid_m * BM + A_PART * SUB_M
         col = pid_n * BN
