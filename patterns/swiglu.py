@@ -31,11 +31,12 @@ from torch._inductor.pattern_matcher import (MULTIPLE, CallFunction, CallMethod,
 from glu_fusion import config
 from glu_fusion.layouts import (CONCAT_GATE_FIRST, CONCAT_UP_FIRST, INTERLEAVED_GATE_EVEN,
                                INTERLEAVED_UP_EVEN)
-from glu_fusion.compile.report import REPORT, Rewrite, log
+from glu_fusion.compile.report import REPORT, Leftover, Rewrite
 
 from .routing import mlp_rewrite_pays
-from ._common import (Family, common_tensor_kind, copy_meta, declared_kwargs_only, fake, module_path,
-                      ordered_pure_span, same_shape, same_size, shape_str, site_resolves, source_line)
+from ._common import (REWRITE_DTYPES, Family, common_tensor_kind, copy_meta, declared_kwargs_only, fake,
+                      module_path, ordered_pure_span, same_shape, same_size, shape_str, site_resolves,
+                      source_line)
 
 aten = torch.ops.aten
 NAME = "swiglu"
@@ -48,35 +49,80 @@ REWRITE_BLOCK = os.environ.get("GLU_FUSION_BLOCK", "1").strip() != "0"
 # ``F.linear`` is ``torch._C._nn.linear``; ``aten.*`` spellings come from compiling an
 # ``ExportedProgram.module()``.
 _LINEAR = [torch._C._nn.linear, aten.linear.default]
+#: ``x @ W``, ``torch.matmul(x, W)``, ``x.matmul(W)``, ``torch.mm``: a projection when ``W`` is a
+#: stored 2-D weight (``[K, N]``, or the transpose of an ``[N, K]`` one).
+_MATMUL_FUNCTIONS = frozenset({operator.matmul, torch.matmul, torch.mm, aten.matmul.default,
+                               aten.mm.default})
+_MATMUL_METHODS = frozenset({"matmul", "mm", "__matmul__"})
+#: Transposes of a 2-D weight: ``W.t()``, ``W.T``, ``W.mT``, ``W.transpose(0, 1)``,
+#: ``W.permute(1, 0)``, ``W.swapaxes(0, 1)`` and their torch/aten functions (``W.T`` is
+#: ``getattr(W, "T")`` in Dynamo graphs up to torch 2.13 and ``aten.numpy_T`` from 2.14).
+
+
+def _aten(*names: str) -> set:
+    """The ``aten`` overloads of this torch among ``names`` (``"numpy_T.default"``...)."""
+    found = set()
+    for name in names:
+        packet, overload = name.split(".")
+        op = getattr(getattr(aten, packet, None), overload, None)
+        if op is not None:
+            found.add(op)
+    return found
+
+
+_T_FUNCTIONS = frozenset({torch.t, *_aten("t.default", "numpy_T.default", "mT.default")})
+_SWAP_FUNCTIONS = frozenset({torch.transpose, torch.swapaxes, torch.swapdims,
+                             *_aten("transpose.int", "swapaxes.default", "swapdims.default")})
+_PERMUTE_FUNCTIONS = frozenset({torch.permute, *_aten("permute.default")})
+_SWAP_METHODS = frozenset({"transpose", "swapaxes", "swapdims"})
 _MUL = [operator.mul, torch.mul, aten.mul.Tensor]
 _SIGMOID = [torch.sigmoid, aten.sigmoid.default]
 _SILU = [F.silu, aten.silu.default] + ([torch._C._nn.silu] if hasattr(torch._C._nn, "silu") else [])
 
 
-def _products(a, b) -> list:
+def _products(a, b, users: object = 1) -> list:
     """``a * b`` as an operator, a torch function or a Tensor method."""
-    return [CallFunction(_MUL, a, b), CallMethod("mul", a, b)]
+    return [CallFunction(_MUL, a, b, _users=users), CallMethod("mul", a, b, _users=users)]
 
 
 def _activations(gate: KeywordArg) -> list[tuple[str, object]]:
-    """Every spelling of ``silu(gate)``, named for the report."""
+    """Every spelling of ``silu(gate)``, named for the report.  (Matched whatever its user
+    count, so that an activation with another user is reported, not silently passed over.)"""
     forms: list[tuple[str, object]] = [
-        ("silu(g)", CallFunction(_SILU, gate)),
-        ("silu(g)", CallFunction(F.silu, gate, inplace=False)),  # nn.SiLU() records inplace=False
+        ("silu(g)", CallFunction(_SILU, gate, _users=MULTIPLE)),
+        # nn.SiLU() records inplace=False
+        ("silu(g)", CallFunction(F.silu, gate, inplace=False, _users=MULTIPLE)),
     ]
     for sig in (CallFunction(_SIGMOID, gate), CallMethod("sigmoid", gate)):
-        forms += [("(g*sigmoid(g))", p) for p in _products(gate, sig)]
-        forms += [("(sigmoid(g)*g)", p) for p in _products(sig, gate)]
+        forms += [("(g*sigmoid(g))", p) for p in _products(gate, sig, MULTIPLE)]
+        forms += [("(sigmoid(g)*g)", p) for p in _products(sig, gate, MULTIPLE)]
     return forms
 
 
+#: Forms of anchors that are never rewritten, only reported when they look like a SwiGLU: the
+#: same gated product with an activation the ops do not compute.
+_REPORT_ONLY = "not silu: "
+
+
+def _other_activations(gate: KeywordArg) -> list[tuple[str, object]]:
+    """GeGLU (``gelu``, exact or tanh) and the sigmoid GLU: look-alikes the report names."""
+    return [("gelu (a GeGLU)", CallFunction([F.gelu, aten.gelu.default], gate)),
+            ("gelu (a GeGLU)", CallFunction([F.gelu, aten.gelu.default], gate,
+                                            approximate=KeywordArg("approximate"))),
+            ("sigmoid (a sigmoid GLU)", CallFunction(_SIGMOID, gate)),
+            ("sigmoid (a sigmoid GLU)", CallMethod("sigmoid", gate))]
+
+
 def _anchor_patterns() -> list[tuple[str, object]]:
-    """``act(gate) * up`` and ``up * act(gate)`` for every activation spelling."""
+    """``act(gate) * up`` and ``up * act(gate)`` for every activation spelling, then the
+    report-only anchors (forms starting with ``_REPORT_ONLY``)."""
     gate, up = KeywordArg("gate"), KeywordArg("up")
     out = []
     for act_name, act in _activations(gate):
         out += [(f"{act_name}*u", p) for p in _products(act, up)]
         out += [(f"u*{act_name}", p) for p in _products(up, act)]
+    for act_name, act in _other_activations(gate):
+        out += [(_REPORT_ONLY + act_name, p) for p in _products(act, up) + _products(up, act)]
     return out
 
 
@@ -143,10 +189,21 @@ def _sub_match(patterns, node) -> Optional[Match]:
 
 @dataclasses.dataclass
 class _Linear:
+    """One projection ``x·Wᵀ (+ b)`` in the op's terms.
+
+    ``w`` is the weight as the graph holds it.  ``transposed``: it is stored ``[K, N]`` (used as
+    ``x @ W``), so the op reads the ``[N, K]`` view ``W.t()``; no copy is made.  ``views``: the
+    transpose nodes between the weight and the matmul (``W.t()`` in ``x @ W.t()``), which the
+    rewrite leaves to the dead-node clean-up.
+    """
+
     node: fx.Node
     x: fx.Node
     w: fx.Node
     b: Optional[fx.Node]
+    kind: str = "linear"
+    transposed: bool = False
+    views: tuple[fx.Node, ...] = ()
 
 
 def _linear(node) -> Optional[_Linear]:
@@ -161,6 +218,102 @@ def _linear(node) -> Optional[_Linear]:
     return _Linear(node, x, w, b)
 
 
+def _is_matmul(node: object) -> bool:
+    if not isinstance(node, fx.Node) or len(node.args) != 2 or node.kwargs:
+        return False
+    return ((node.op == "call_function" and node.target in _MATMUL_FUNCTIONS)
+            or (node.op == "call_method" and node.target in _MATMUL_METHODS))
+
+
+def _dims(dims: tuple) -> Optional[tuple[int, ...]]:
+    """``dims`` of a 2-D tensor made non-negative, or None when they are not two valid dims."""
+    if len(dims) != 2 or not all(isinstance(d, int) and not isinstance(d, bool) and -2 <= d < 2
+                                 for d in dims):
+        return None
+    return tuple(d % 2 for d in dims)
+
+
+def _swapped(dims: tuple) -> bool:
+    """``transpose(d0, d1)`` of a 2-D tensor swaps its dimensions."""
+    return _dims(dims) in ((0, 1), (1, 0))
+
+
+def _reversed(dims: tuple) -> bool:
+    """``permute(dims)`` of a 2-D tensor swaps its dimensions."""
+    return _dims(dims) == (1, 0)
+
+
+def _transpose_source(node: object) -> Optional[fx.Node]:
+    """``W`` when ``node`` is a transpose of the 2-D tensor ``W`` (``W.t()``, ``W.T``, ``W.mT``,
+    ``W.transpose(0, 1)``, ``W.permute(1, 0)``...), else None."""
+    if not isinstance(node, fx.Node) or not node.args or not isinstance(node.args[0], fx.Node) \
+            or node.kwargs:
+        return None
+    src, rest = node.args[0], tuple(node.args[1:])
+    tw = fake(src)
+    if tw is None or tw.dim() != 2:
+        return None
+    if node.op == "call_function" and node.target is getattr:
+        return src if rest in (("T",), ("mT",)) else None
+    if node.op == "call_method":
+        name = node.target
+        if name == "t" and not rest:
+            return src
+        if name in _SWAP_METHODS:
+            return src if _swapped(rest) else None
+        if name == "permute":
+            dims = rest[0] if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else rest
+            return src if _reversed(tuple(dims)) else None
+        return None
+    if node.op != "call_function":
+        return None
+    if node.target in _T_FUNCTIONS:
+        return src if not rest else None
+    if node.target in _SWAP_FUNCTIONS:
+        return src if _swapped(rest) else None
+    if node.target in _PERMUTE_FUNCTIONS and len(rest) == 1 and isinstance(rest[0], (list, tuple)):
+        return src if _reversed(tuple(rest[0])) else None
+    return None
+
+
+def _stored(node: fx.Node) -> bool:
+    """Whether ``node`` is a tensor the graph takes as input (a parameter, buffer or argument)
+    rather than computes: only such a second operand of a matmul is read as a weight."""
+    return node.op in ("placeholder", "get_attr")
+
+
+def _projection(node) -> "Optional[_Linear] | str":
+    """``node`` as a projection: an ``F.linear`` or a matmul by a stored 2-D weight.
+
+    None: ``node`` is neither; a string: a matmul that is not a projection of its first
+    operand, and why."""
+    lin = _linear(node)
+    if lin is not None:
+        return lin
+    if not _is_matmul(node):
+        return None
+    x, b = node.args
+    if not isinstance(x, fx.Node) or not isinstance(b, fx.Node):
+        return "a matmul operand is not a tensor"
+    source = _transpose_source(b)
+    w = source if source is not None else b
+    tw, tx = fake(w), fake(x)
+    if tw is None or tx is None:
+        return "the shapes of a matmul are unknown"
+    if tw.dim() != 2:
+        return (f"x @ W with a {tw.dim()}-D W{shape_str(w)} is a batched matmul, not a projection "
+                f"by a [K, N] weight" if tw.dim() > 2 else
+                f"x @ v with a 1-D v{shape_str(w)} is a matrix-vector product, not a projection")
+    if tx.dim() < 1:
+        return "x @ W with a 0-D x"
+    if not _stored(w) or w is x:
+        return (f"the second operand of x @ W ({w.name}) is computed in the graph, not a stored "
+                f"weight")
+    if source is not None:
+        return _Linear(node, x, w, None, "matmul W.t()", False, (b,))
+    return _Linear(node, x, w, None, "matmul W[K,N]", True)
+
+
 @dataclasses.dataclass
 class _Site:
     """What the matched nodes compute, in the op's terms."""
@@ -171,6 +324,8 @@ class _Site:
     biases: tuple[Optional[fx.Node], ...]
     layout: Optional[int]           # packed layout, None for two weights
     nodes: list[fx.Node]            # every node the op replaces, the product last
+    transposed: tuple[bool, ...] = ()   # per weight: stored [K, N], the op reads its .t() view
+    views: tuple[fx.Node, ...] = ()     # weight transposes the matmuls read (erased when unused)
 
 
 def _is_last_dim(dim: object, ndim: int) -> bool:
@@ -273,106 +428,191 @@ def _halves_of_slices(gate: fx.Node, up: fx.Node):
     return "interleaved", layout, [y, gate, up], y
 
 
-def _two_linears(gate: fx.Node, up: fx.Node) -> Optional[_Site]:
-    lg, lu = _linear(gate), _linear(up)
-    if lg is None or lu is None or lg.x is not lu.x:
+def _op_shape(lin: _Linear) -> Optional[tuple]:
+    """The shape of the weight view the op reads (``[N, K]``), or None when unknown."""
+    tw = fake(lin.w)
+    if tw is None:
         return None
+    return tuple(reversed(tw.shape)) if lin.transposed else tuple(tw.shape)
+
+
+def _spelling(lins: tuple[_Linear, ...]) -> str:
+    kinds = [lin.kind for lin in lins]
+    return f"{kinds[0]} x2" if len(set(kinds)) == 1 else " + ".join(kinds)
+
+
+def _two_linears(gate: fx.Node, up: fx.Node) -> "Optional[_Site] | str":
+    lg, lu = _projection(gate), _projection(up)
+    for found in (lg, lu):
+        if isinstance(found, str):
+            return found
+    if lg is None or lu is None:
+        return None
+    if lg.x is not lu.x:
+        return "gate and up project different inputs"
     if (lg.b is None) != (lu.b is None):  # the op takes both biases or neither
-        return None
-    tg, tu = fake(lg.w), fake(lu.w)
-    if tg is None or tu is None or tg.dim() != 2 or not same_shape(tg.shape, tu.shape):
-        return None
+        return "only one of gate and up has a bias"
+    sg, su = _op_shape(lg), _op_shape(lu)
+    if sg is None or su is None or len(sg) != 2:
+        return "the gate weight is not a 2-D [N, K] weight"
+    if not same_shape(sg, su):
+        return f"the gate and up weights differ in shape ({shape_str(lg.w)} and {shape_str(lu.w)})"
     for b in (lg.b, lu.b):
         tb = fake(b) if b is not None else None
-        if b is not None and (tb is None or not same_shape(tb.shape, tg.shape[:1])):
-            return None
-    spelling = "linear x2" + (" +bias" if lg.b is not None else "")
-    return _Site(spelling, lg.x, (lg.w, lu.w), (lg.b, lu.b), None, [gate, up])
+        if b is not None and (tb is None or not same_shape(tb.shape, sg[:1])):
+            return "a bias does not match its weight's rows"
+    spelling = _spelling((lg, lu)) + (" +bias" if lg.b is not None else "")
+    return _Site(spelling, lg.x, (lg.w, lu.w), (lg.b, lu.b), None, [gate, up],
+                 (lg.transposed, lu.transposed), lg.views + lu.views)
 
 
-def _packed(gate: fx.Node, up: fx.Node) -> Optional[_Site]:
+def _packed(gate: fx.Node, up: fx.Node) -> "Optional[_Site] | str":
     found = _halves_of_split(gate, up) or _halves_of_slices(gate, up)
     if found is None:
         return None
     kind, layout, nodes, y = found
-    lin = _linear(y)
-    if lin is None or len(y.users) != (2 if kind == "interleaved" else 1):
-        return None
-    tw, ty, tg = fake(lin.w), fake(y), fake(gate)
-    if tw is None or ty is None or tg is None or tw.dim() != 2 or not isinstance(tw.shape[0], int) \
-            or tw.shape[0] % 2:
-        return None
-    if not same_size(ty.shape[-1], tw.shape[0]) or not same_size(tg.shape[-1] * 2, tw.shape[0]):
-        return None
+    lin = _projection(y)
+    if isinstance(lin, str) or lin is None:
+        return lin
+    if len(y.users) != (2 if kind == "interleaved" else 1):
+        return "the packed projection has another user"
+    tw, ty, tg = _op_shape(lin), fake(y), fake(gate)
+    if tw is None or ty is None or tg is None or len(tw) != 2 or not isinstance(tw[0], int) or tw[0] % 2:
+        return "the packed weight has no even number of output features"
+    if not same_size(ty.shape[-1], tw[0]) or not same_size(tg.shape[-1] * 2, tw[0]):
+        return "gate and up are not the two halves of the packed projection"
     tb = fake(lin.b) if lin.b is not None else None
-    if lin.b is not None and (tb is None or not same_shape(tb.shape, tw.shape[:1])):
-        return None
+    if lin.b is not None and (tb is None or not same_shape(tb.shape, tw[:1])):
+        return "the packed bias does not match the weight's rows"
     first = "gate-first" if layout in (CONCAT_GATE_FIRST, INTERLEAVED_GATE_EVEN) else "up-first"
-    spelling = f"packed {kind} {first}" + (" +bias" if lin.b is not None else "")
-    return _Site(spelling, lin.x, (lin.w,), (lin.b,), layout, nodes)
+    packed = "packed" if lin.kind == "linear" else f"packed {lin.kind}"
+    spelling = f"{packed} {kind} {first}" + (" +bias" if lin.b is not None else "")
+    return _Site(spelling, lin.x, (lin.w,), (lin.b,), layout, nodes, (lin.transposed,), lin.views)
 
 
-def _resolve(match: Match, form: str) -> Optional[_Site]:
-    """The site behind an anchor match, or None when it is not exactly a SwiGLU we can fuse."""
+def _kind_mismatch(site: _Site) -> Optional[str]:
+    """Why the site's tensors are not of one rewritable dtype on one allowed device."""
+    named = [site.x, *site.weights, *(b for b in site.biases if b is not None)]
+    if common_tensor_kind([("t", n) for n in named]) is not None:
+        return None
+    values = [fake(n) for n in named]
+    if any(v is None for v in values):
+        return "a tensor of the site has no traced value"
+    dtypes = {v.dtype for v in values}
+    if len(dtypes) > 1:
+        return "its tensors mix dtypes (" + ", ".join(sorted(str(d).replace("torch.", "") for d in dtypes)) + ")"
+    dtype = values[0].dtype
+    if dtype not in REWRITE_DTYPES:
+        return (f"its dtype {str(dtype).replace('torch.', '')} is not one the ops are rewritten for "
+                f"(float32, float16, bfloat16)")
+    if len({v.device for v in values}) > 1:
+        return "its tensors live on different devices"
+    return f"device type {values[0].device.type} is not in the rewritten devices"
+
+
+def _looks_projected(node: object, hops: int = 4) -> bool:
+    """Whether ``node`` is a projection (linear or matmul), or a piece of one reached through
+    splits, slices and reshapes: what makes ``act(gate) * up`` look like a SwiGLU."""
+    if not isinstance(node, fx.Node):
+        return False
+    if _linear(node) is not None or _is_matmul(node):
+        return True
+    if hops == 0 or not node.args or not isinstance(node.args[0], fx.Node):
+        return False
+    through = ((node.op == "call_function" and node.target in _PIECE_FUNCTIONS)
+               or (node.op == "call_method" and node.target in _PIECE_METHODS))
+    return through and _looks_projected(node.args[0], hops - 1)
+
+
+_PIECE_METHODS = frozenset({"chunk", "split", "unbind", "contiguous", *_VIEW_METHODS})
+_PIECE_FUNCTIONS = frozenset({operator.getitem, torch.chunk, torch.split, torch.unbind,
+                              aten.slice.Tensor, aten.chunk.default, aten.split.Tensor,
+                              aten.split_with_sizes.default, aten.unbind.int, *_VIEW_FUNCTIONS})
+
+
+def _resolve(match: Match, form: str) -> "Optional[_Site] | str":
+    """The site behind an anchor match; None when this pattern does not describe it, or why it
+    is not exactly a SwiGLU we can fuse."""
     if not declared_kwargs_only(match):
         return None
     gate, up = match.kwargs["gate"], match.kwargs["up"]
     if not isinstance(gate, fx.Node) or not isinstance(up, fx.Node) or gate is up:
         return None
+    if form.startswith(_REPORT_ONLY):
+        return f"the activation is {form[len(_REPORT_ONLY):]}, and the ops compute silu"
     anchor = match.output_node()
     act_nodes = [n for n in match.nodes if n is not anchor]
     # Each intermediate feeds this site only.
+    if any(not set(n.users) <= set(match.nodes) for n in act_nodes):
+        return "the activation has another user"
     if set(gate.users) != {n for n in act_nodes if gate in n.all_input_nodes}:
-        return None
+        return "the gate projection has another user"
     if set(up.users) != {anchor}:
-        return None
-    site = _two_linears(gate, up) or _packed(gate, up)
+        return "the up projection has another user"
+    site = _two_linears(gate, up)
     if site is None:
-        return None
-    if common_tensor_kind([("x", site.x), *[("w", w) for w in site.weights],
-                           *[("b", b) for b in site.biases]]) is None:
-        return None
+        site = _packed(gate, up)
+    if site is None:
+        return ("gate and up are neither two projections of one input nor the two equal halves "
+                "of one projection's last dimension")
+    if isinstance(site, str):
+        return site
+    mismatch = _kind_mismatch(site)
+    if mismatch is not None:
+        return mismatch
     ordered = ordered_pure_span([*site.nodes, *act_nodes], anchor)
     if ordered is None:
-        return None
+        return "a node between the projections and the product may mutate state"
     site.nodes = ordered
     site.spelling = f"{site.spelling}, {form}"
-    if _left_to_inductor(site, anchor):
-        return None
+    reason = _left_to_inductor(site, anchor)
+    if reason is not None:
+        return f"left to Inductor: {reason}"
     return site
 
 
-def _left_to_inductor(site: _Site, anchor: fx.Node) -> bool:
-    """Whether the routing table sends this site to Inductor (logged once per site)."""
+def _left_to_inductor(site: _Site, anchor: fx.Node) -> Optional[str]:
+    """Why the routing table sends this site to Inductor, or None."""
     tx, traced = fake(site.x), fake(anchor)
     if tx is None:
-        return False
+        return None
     tokens = 1
     for d in tx.shape[:-1]:
         tokens = tokens * d if isinstance(d, int) and isinstance(tokens, int) else None
-    reason = mlp_rewrite_pays(tx.device.type, tokens, traced is None or traced.requires_grad)
-    if reason is not None:
-        log.info("left %s at %s to Inductor: %s", NAME, source_line(anchor) or "?", reason)
-    return reason is not None
+    return mlp_rewrite_pays(tx.device.type, tokens, traced is None or traced.requires_grad)
+
+
+def _resolved(match: Match, form: str) -> Optional[_Site]:
+    """``_resolve`` for the matcher: a site, or None with the reason noted for the report when
+    the match looks like a SwiGLU (both operands come from projections)."""
+    found = _resolve(match, form)
+    if not isinstance(found, str):
+        return found
+    gate, up = match.kwargs["gate"], match.kwargs["up"]
+    if _looks_projected(gate) and _looks_projected(up):
+        anchor = match.output_node()
+        REPORT.consider_left(anchor, Leftover(NAME, found, source_line(anchor), module_path(anchor)))
+    return None
 
 
 def _check(match: Match, form: str) -> bool:
-    return site_resolves(_resolve, match, form, "swiglu")
+    return site_resolves(_resolved, match, form, "swiglu")
 
 
 def _down_projection(site: _Site, anchor: fx.Node) -> Optional[_Linear]:
-    """The down projection ``linear(h, Wd, bd)`` when it is the product's only user, of the same
-    dtype and device, with nothing that may mutate state between the site and it."""
+    """The down projection ``linear(h, Wd, bd)`` (or ``h @ Wd.t()``, or ``h @ Wd`` with ``Wd``
+    stored ``[N, D]``) when it is the product's only user, of the same dtype and device, with
+    nothing that may mutate state between the site and it."""
     if len(anchor.users) != 1:
         return None
-    down = _linear(next(iter(anchor.users)))
-    if down is None or down.x is not anchor:
+    down = _projection(next(iter(anchor.users)))
+    if not isinstance(down, _Linear) or down.x is not anchor:
         return None
-    th, tw = fake(anchor), fake(down.w)
-    if th is None or tw is None or tw.dim() != 2 or not same_size(tw.shape[1], th.shape[-1]):
+    th, tw = fake(anchor), _op_shape(down)
+    if th is None or tw is None or len(tw) != 2 or not same_size(tw[1], th.shape[-1]):
         return None
     tb = fake(down.b) if down.b is not None else None
-    if down.b is not None and (tb is None or not same_shape(tb.shape, tw.shape[:1])):
+    if down.b is not None and (tb is None or not same_shape(tb.shape, tw[:1])):
         return None
     if common_tensor_kind([("x", site.x), ("w_down", down.w), ("b_down", down.b)]) is None:
         return None
@@ -381,9 +621,21 @@ def _down_projection(site: _Site, anchor: fx.Node) -> Optional[_Linear]:
     return down
 
 
+def _weight_view(graph: fx.Graph, w: fx.Node, transposed: bool) -> fx.Node:
+    """``w`` itself, or (stored ``[K, N]``) a ``w.t()`` node: the ``[N, K]`` view the op reads in
+    place, through which autograd hands the gradient back to ``w`` as it is stored."""
+    if not transposed:
+        return w
+    view = graph.call_function(torch.t, (w,))
+    tw = fake(w)
+    if tw is not None:
+        view.meta["example_value"] = tw.t()
+    return view
+
+
 def _rewrite(match: Match, form: str) -> None:
     site = _resolve(match, form)
-    if site is None:  # the extra check said yes; nothing may have changed since
+    if not isinstance(site, _Site):  # the extra check said yes; nothing may have changed since
         return
     anchor = match.output_node()
     graph = anchor.graph
@@ -393,15 +645,17 @@ def _rewrite(match: Match, form: str) -> None:
     # not with frozen weights and inputs) and recomputing is not asked for.
     traced = fake(last)
     save_preact = not config.recompute and (traced is None or traced.requires_grad)
-    down_args = (down.w, down.b) if down is not None else ()
     with graph.inserting_before(last):
+        flags = site.transposed or (False,) * len(site.weights)
+        weights = tuple(_weight_view(graph, w, t) for w, t in zip(site.weights, flags))
+        down_args = (_weight_view(graph, down.w, down.transposed), down.b) if down is not None else ()
         if site.layout is None:
             target = torch.ops.glu_fusion.mlp_block if down is not None else torch.ops.glu_fusion.swiglu
-            args = (site.x, *site.weights, *site.biases, *down_args, save_preact)
+            args = (site.x, *weights, *site.biases, *down_args, save_preact)
         else:
             target = (torch.ops.glu_fusion.mlp_block_packed if down is not None
                       else torch.ops.glu_fusion.swiglu_packed)
-            args = (site.x, site.weights[0], site.biases[0], site.layout, *down_args, save_preact)
+            args = (site.x, weights[0], site.biases[0], site.layout, *down_args, save_preact)
         op = graph.call_function(target.default, args)
         out = graph.call_function(operator.getitem, (op, 0))
     copy_meta(last, op, with_value=False)
@@ -410,15 +664,20 @@ def _rewrite(match: Match, form: str) -> None:
     shapes = (f"x{shape_str(site.x)}", *(f"w{shape_str(w)}" for w in site.weights))
     if down is not None:
         shapes += (f"w_down{shape_str(down.w)}",)
+    down_kind = ("" if down is None or down.kind == "linear" else f" ({down.kind})")
     REPORT.add(Rewrite(
         family=BLOCK_NAME if down is not None else NAME,
-        spelling=site.spelling + (", down" + (" +bias" if down.b is not None else "") if down is not None else ""),
+        spelling=site.spelling + (", down" + down_kind + (" +bias" if down.b is not None else "")
+                                  if down is not None else ""),
         shapes=shapes,
         dtype=str(tx.dtype).replace("torch.", "") if tx is not None else "?",
         source=source_line(last), module=module_path(last)))
     last.replace_all_uses_with(out)
     match.nodes = site.nodes + ([down.node] if down is not None else [])
     match.erase_nodes()
+    for view in (*site.views, *(down.views if down is not None else ())):
+        if not view._erased and not view.users:
+            graph.erase_node(view)
 
 
 def register(pass_) -> None:

@@ -24,7 +24,7 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, Phase, given, seed, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from helpers.fuzz_grammar import (ACTIVATIONS, DYNAMIC, GRAD_MODES, NORM_LOOKALIKES, PRODUCTS,  # noqa: E402
+from helpers.fuzz_grammar import (ACTIVATIONS, DYNAMIC, GRAD_MODES, MATMUL_WEIGHTS, NORM_LOOKALIKES, PRODUCTS, PROJECTIONS,  # noqa: E402
                                   SOURCES, SWIGLU_LOOKALIKES, Case, norm_group, norm_spellings,
                                   run_case)
 
@@ -107,7 +107,9 @@ def swiglu_cases(draw):
                 product=draw(st.sampled_from(PRODUCTS)), up_first=draw(st.booleans()),
                 bias=draw(st.booleans()), down_bias=kind == "mlp_block" and draw(st.booleans()),
                 residual=kind == "mlp_block" and draw(st.booleans()), extra_user=draw(st.booleans()),
-                weights=weights, **ctx)
+                weights=weights,
+                projection=draw(st.sampled_from(PROJECTIONS)) if weights in MATMUL_WEIGHTS else "F.linear",
+                **ctx)
 
 
 @st.composite

@@ -25,6 +25,13 @@ class Weights(nn.Module):
         self.wu = nn.Parameter(0.3 * torch.randn(rows, K, generator=g))
         self.bu = nn.Parameter(0.3 * torch.randn(rows, generator=g))
         self.w = nn.Parameter(0.3 * torch.randn(packed_rows, K, generator=g))
+        # matmul spellings: [K, N] weights, 1-D vectors, batched [B, K, N] weights
+        self.gk = nn.Parameter(0.3 * torch.randn(K, rows, generator=g))
+        self.uk = nn.Parameter(0.3 * torch.randn(K, rows, generator=g))
+        self.vg = nn.Parameter(0.3 * torch.randn(K, generator=g))
+        self.vu = nn.Parameter(0.3 * torch.randn(K, generator=g))
+        self.g3 = nn.Parameter(0.3 * torch.randn(2, K, rows, generator=g))
+        self.u3 = nn.Parameter(0.3 * torch.randn(2, K, rows, generator=g))
         self.fn = forward
 
     def forward(self, *xs):
@@ -139,12 +146,63 @@ def silu_times_itself(m, x):
     return F.silu(g) * g
 
 
+# matmul look-alikes --------------------------------------------------------------------------
+
+def matmul_vector_weight(m, x):
+    """``x @ v`` with a 1-D v is a matrix-vector product: no projection of x's features."""
+    return F.silu(x @ m.vg) * (x @ m.vu)
+
+
+def matmul_batched_weight(m, x):
+    """3-D weights ``[B, K, N]``: a batched matmul, not one projection."""
+    return F.silu(x @ m.g3) * (x @ m.u3)
+
+
+def matmul_activation_operand(m, x):
+    """The second operand is computed from the input (attention-like), not a stored weight."""
+    y = torch.tanh(x[0])  # [S, K]
+    return F.silu(x @ y.t()) * (x @ y.t().exp())
+
+
+def matmul_weight_first(m, x):
+    """``W @ xᵀ``: the weight is the first operand, the projection runs over x's tokens."""
+    return F.silu(m.wg @ x.mT) * (m.wu @ x.mT)
+
+
+def matmul_different_inputs(m, x):
+    return F.silu(x @ m.wg.t()) * ((x + 1) @ m.wu.t())
+
+
+def matmul_kn_different_inputs(m, x):
+    return F.silu(x @ m.gk) * (x.flip(-1) @ m.uk)
+
+
+def matmul_geglu(m, x):
+    return F.gelu(x @ m.gk) * (x @ m.uk)
+
+
+def matmul_sigmoid_glu(m, x):
+    return torch.sigmoid(x @ m.wg.t()) * (x @ m.wu.t())
+
+
+def matmul_gate_used_elsewhere(m, x):
+    g = x @ m.gk
+    return F.silu(g) * (x @ m.uk) + g
+
+
+def matmul_unequal_split(m, x):
+    g, u = (x @ m.w.t()).split([N - 1, N + 1], -1)
+    return F.silu(g) * u[..., 2:]
+
+
 NEGATIVE = {fn.__name__: fn for fn in [
     gate_used_elsewhere, up_used_elsewhere, activation_used_elsewhere, intermediate_returned,
     packed_output_used_elsewhere, packed_half_used_elsewhere, mutation_between, mutated_up,
     unequal_split, unequal_chunk, split_three_use_two, chunk_wrong_dim, different_inputs,
     bias_on_one_side, geglu_tanh, geglu, sigmoid_glu, scaled_sigmoid_gate, gpt_oss_gate,
-    silu_of_input, silu_times_itself]}
+    silu_of_input, silu_times_itself, matmul_vector_weight, matmul_batched_weight,
+    matmul_activation_operand, matmul_weight_first, matmul_different_inputs, matmul_kn_different_inputs,
+    matmul_geglu, matmul_sigmoid_glu, matmul_gate_used_elsewhere, matmul_unequal_split]}
 
 
 def _graph_text(gm) -> str:
@@ -163,7 +221,8 @@ def test_not_rewritten(name, cpu_rewrites, dynamo_graph):
 
 
 @pytest.mark.parametrize("name", ["mutation_between", "gate_used_elsewhere", "gpt_oss_gate",
-                                  "chunk_wrong_dim"])
+                                  "chunk_wrong_dim", "matmul_activation_operand", "matmul_batched_weight",
+                                  "matmul_weight_first"])
 def test_refused_sites_still_compile_to_eager_results(name, cpu_rewrites):
     module = Weights(NEGATIVE[name])
     x = torch.randn(4, 3, K) if name == "chunk_wrong_dim" else torch.randn(2, 3, K)

@@ -247,6 +247,123 @@ return (mul)""")
         assert REPORT.total == 0
 
 
+class MatmulMLP(nn.Module):
+    """Weights stored ``[K, N]`` used as ``x @ W`` (the down projection ``[N, D]`` too)."""
+
+    def __init__(self, k=16, n=32, transposed=False):
+        super().__init__()
+        self.transposed = transposed
+        shape = (lambda rows, cols: (cols, rows)) if transposed else (lambda rows, cols: (rows, cols))
+        self.wg = nn.Parameter(torch.randn(*shape(k, n)) / k ** 0.5)
+        self.wu = nn.Parameter(torch.randn(*shape(k, n)) / k ** 0.5)
+        self.wd = nn.Parameter(torch.randn(*shape(n, k)) / n ** 0.5)
+
+    def forward(self, x):
+        if self.transposed:  # [N, K] weights as nn.Linear stores them, used as x @ W.t()
+            return (F.silu(x @ self.wg.t()) * (x @ self.wu.T)) @ self.wd.t()
+        return (F.silu(x @ self.wg) * torch.matmul(x, self.wu)) @ self.wd
+
+
+class PackedMatmulSwiGLU(nn.Module):
+    """One packed ``[K, 2N]`` weight used as ``x @ W``, then cut by ``chunk``."""
+
+    def __init__(self, k=16, n=32):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(k, 2 * n) / k ** 0.5)
+
+    def forward(self, x):
+        g, u = (x @ self.w).chunk(2, -1)
+        return F.silu(g) * u
+
+
+class TestMatmulSnapshots(expecttest.TestCase):
+    @pytest.fixture(autouse=True)
+    def _capture(self, capture):
+        self.run_graphs = capture
+
+    def test_transposed_weights_are_passed_as_they_are(self):
+        cap = self.run_graphs(MatmulMLP(transposed=True), torch.randn(2, 3, 16))
+        self.assertExpectedInline(cap.pre_grad, """\
+glu_fusion.mlp_block.default(in, in, in, None, None, in, None, True)
+getitem(glu_fusion.mlp_block.default, 0)
+return (getitem)""")
+        assert REPORT.counts() == {"mlp_block": 1} and REPORT.left == []
+
+    def test_kn_weights_training_graphs(self):
+        """[K, N] weights reach the op as t() views; their gradients go back through the views."""
+        cap = self.run_graphs(MatmulMLP(), torch.randn(2, 3, 16))
+        self.assertExpectedInline(cap.pre_grad, """\
+t(in)
+t(in)
+t(in)
+glu_fusion.mlp_block.default(in, t, t, None, None, t, None, True)
+getitem(glu_fusion.mlp_block.default, 0)
+return (getitem)""")
+        self.assertExpectedInline(cap.forward, """\
+aten.t.default(in)
+aten.t.default(in)
+aten.t.default(in)
+glu_fusion.mlp_block.default(in, aten.t.default, aten.t.default, None, None, aten.t.default, None, True)
+getitem(glu_fusion.mlp_block.default, 0)
+getitem(glu_fusion.mlp_block.default, 1)
+return (getitem, in, aten.t.default, aten.t.default, aten.t.default, getitem)""")
+        self.assertExpectedInline(cap.backward, """\
+aten.view.default(in, [#, #])
+glu_fusion.mlp_dgated.default(aten.view.default, in, in, 0)
+getitem(glu_fusion.mlp_dgated.default, 0)
+getitem(glu_fusion.mlp_dgated.default, 1)
+aten.t.default(aten.view.default)
+aten.mm.default(aten.t.default, getitem)
+aten.view.default(in, [#, #])
+aten.slice.Tensor(getitem, #, #, #)
+aten.mm.default(aten.slice.Tensor, in)
+aten.slice.Tensor(getitem, #, #, #)
+aten.addmm.default(aten.mm.default, aten.slice.Tensor, in)
+aten.view.default(aten.addmm.default, [#, #, #])
+aten.t.default(getitem)
+aten.mm.default(aten.t.default, aten.view.default)
+aten.slice.Tensor(aten.mm.default, #, #, #)
+aten.slice.Tensor(aten.mm.default, #, #, #)
+aten.t.default(aten.mm.default)
+aten.t.default(aten.slice.Tensor)
+aten.t.default(aten.slice.Tensor)
+return (aten.t.default, aten.view.default, aten.t.default, aten.t.default)""")
+        assert REPORT.counts() == {"mlp_block": 1} and REPORT.left == []
+
+    def test_packed_kn_chunk(self):
+        cap = self.run_graphs(PackedMatmulSwiGLU(), torch.randn(4, 16))
+        self.assertExpectedInline(cap.pre_grad, """\
+t(in)
+glu_fusion.swiglu_packed.default(in, t, None, 0, True)
+getitem(glu_fusion.swiglu_packed.default, 0)
+return (getitem)""")
+        self.assertExpectedInline(cap.backward, """\
+glu_fusion.swiglu_dh.default(in, in, 0)
+aten.view.default(in, [#, #])
+aten.mm.default(glu_fusion.swiglu_dh.default, in)
+aten.view.default(aten.mm.default, [#, #])
+aten.t.default(glu_fusion.swiglu_dh.default)
+aten.mm.default(aten.t.default, aten.view.default)
+aten.t.default(aten.mm.default)
+return (aten.t.default, aten.view.default)""")
+
+    def test_matmul_geglu_unchanged(self):
+        class MatmulGeGLU(MatmulMLP):
+            def forward(self, x):
+                return F.gelu(x @ self.wg) * (x @ self.wu)
+
+        cap = self.run_graphs(MatmulGeGLU(), torch.randn(2, 3, 16))
+        self.assertExpectedInline(cap.pre_grad, """\
+matmul(in, in)
+gelu(matmul)
+matmul(in, in)
+mul(gelu, matmul)
+return (mul)""")
+        assert REPORT.total == 0
+        [left] = REPORT.left
+        assert left.reason == "the activation is gelu (a GeGLU), and the ops compute silu"
+
+
 class L2NormGate(nn.Module):
     """Looks like the gated norm but sums instead of averaging: must stay as it is."""
 

@@ -2,6 +2,7 @@
 leave alone, or it was served from Inductor's cache (the ops its code calls are counted)."""
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -65,3 +66,89 @@ def test_cached_graphs_in_the_report():
     assert "served from Inductor's cache: 4 fused op call(s) found (mlp_block=2, mlp_dgated=2)" in text
     rep.reset()
     assert rep.cached_graphs == [] and rep.cached_op_counts() == {}
+
+
+# --- SwiGLU-like sites the pass leaves: each is reported with its reason ---------------------------
+
+K, N = 16, 24
+
+
+class Lookalike(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.wg, self.wu = nn.Parameter(torch.randn(N, K)), nn.Parameter(torch.randn(N, K))
+        self.gk, self.uk = nn.Parameter(torch.randn(K, N)), nn.Parameter(torch.randn(K, N))
+        self.g3, self.u3 = nn.Parameter(torch.randn(2, K, N)), nn.Parameter(torch.randn(2, K, N))
+        self.vg, self.vu = nn.Parameter(torch.randn(K)), nn.Parameter(torch.randn(K))
+        self.pk = nn.Parameter(torch.randn(K, 2 * N))
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(self, x)
+
+
+def _gate_reused(m, x):
+    g = x @ m.gk
+    return F.silu(g) * (x @ m.uk) + g
+
+
+LEFT = {
+    "geglu": (lambda m, x: F.gelu(x @ m.gk) * (x @ m.uk),
+              "the activation is gelu (a GeGLU), and the ops compute silu"),
+    "geglu_tanh": (lambda m, x: F.gelu(F.linear(x, m.wg), approximate="tanh") * F.linear(x, m.wu),
+                   "the activation is gelu (a GeGLU), and the ops compute silu"),
+    "sigmoid_glu": (lambda m, x: torch.sigmoid(x @ m.wg.t()) * (x @ m.wu.t()),
+                    "the activation is sigmoid (a sigmoid GLU), and the ops compute silu"),
+    "different_inputs": (lambda m, x: F.silu(x @ m.wg.t()) * ((x + 1) @ m.wu.t()),
+                         "gate and up project different inputs"),
+    "activation_operand": (lambda m, x: (lambda y: F.silu(x @ y.t()) * (x @ m.wu.t()))(torch.tanh(x.reshape(-1, K).repeat(4, 1))),
+                           "the second operand of x @ W (tanh) is computed in the graph, not a stored weight"),
+    "batched_weight": (lambda m, x: F.silu(x @ m.g3) * (x @ m.u3),
+                       "x @ W with a 3-D W[2,16,24] is a batched matmul, not a projection by a [K, N] weight"),
+    "vector_weight": (lambda m, x: F.silu(x @ m.vg) * (x @ m.vu),
+                      "x @ v with a 1-D v[16] is a matrix-vector product, not a projection"),
+    "gate_reused": (_gate_reused, "the gate projection has another user"),
+    "activation_reused": (lambda m, x: (lambda a: a * (x @ m.uk) + a)(F.silu(x @ m.gk)),
+                          "the activation has another user"),
+    "unequal_split": (lambda m, x: (lambda g, u: F.silu(g) * u[..., 2:])(*(x @ m.pk).split([N - 1, N + 1], -1)),
+                      "gate and up are neither two projections of one input nor the two equal halves "
+                      "of one projection's last dimension"),
+    "packed_reused": (lambda m, x: (lambda y: (lambda g, u: F.silu(g) * u + y[..., :N])(*y.chunk(2, -1)))(x @ m.pk),
+                      "the packed projection has another user"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LEFT))
+def test_each_swiglu_like_site_left_is_reported_with_its_reason(name, cpu_rewrites, dynamo_graph):
+    fn, reason = LEFT[name]
+    gm = dynamo_graph(Lookalike(fn), torch.randn(2, 3, K))
+    GluPass()(gm.graph)
+    (record,) = cpu_rewrites.graphs
+    assert record.rewrites == []
+    [left] = record.left
+    assert left.family == "swiglu" and left.reason == reason
+    assert left.source and "test_report_hints.py" in left.source
+    assert record.summary() == "nothing rewritten; 1 look-alike site(s) left"
+    assert f"swiglu-like site left: {reason}" in str(cpu_rewrites)
+
+
+def test_float64_site_is_reported(cpu_rewrites, dynamo_graph):
+    gm = dynamo_graph(Lookalike(lambda m, x: F.silu(x @ m.gk) * (x @ m.uk)).double(),
+                      torch.randn(2, K, dtype=torch.float64))
+    GluPass()(gm.graph)
+    [left] = cpu_rewrites.left
+    assert left.reason == ("its dtype float64 is not one the ops are rewritten for "
+                           "(float32, float16, bfloat16)")
+
+
+def test_rewritten_sites_and_unrelated_products_are_not_reported(cpu_rewrites, dynamo_graph):
+    def fn(m, x):
+        h = F.silu(x @ m.gk) * (x @ m.uk)              # rewritten
+        gated = torch.sigmoid(x) * x                   # no projection: not SwiGLU-like
+        return h.sum(-1) + F.silu(x[..., 0]) * x[..., 1] + gated.sum(-1)
+
+    gm = dynamo_graph(Lookalike(fn), torch.randn(2, 3, K))
+    GluPass()(gm.graph)
+    (record,) = cpu_rewrites.graphs
+    assert record.counts() == {"swiglu": 1} and record.left == []
+    assert record.summary() == "swiglu=1"

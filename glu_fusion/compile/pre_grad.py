@@ -90,7 +90,10 @@ class GluPass(CustomGraphPass):
             if not graph_has_rewritable_device(graph):
                 record.skipped_devices = graph_device_types(graph)
                 return
-            _pattern_pass().apply(graph)  # Inductor recompiles the module afterwards
+            try:
+                _pattern_pass().apply(graph)  # Inductor recompiles the module afterwards
+            finally:
+                REPORT.settle_left(record)
 
     def uuid(self) -> str:
         return pass_uuid("pre-grad", _sources())

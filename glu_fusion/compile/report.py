@@ -17,7 +17,7 @@ import time
 from collections import Counter
 from typing import Iterator, Optional
 
-__all__ = ["Rewrite", "GraphRecord", "CachedGraph", "Report", "REPORT", "report", "log"]
+__all__ = ["Rewrite", "Leftover", "GraphRecord", "CachedGraph", "Report", "REPORT", "report", "log"]
 
 log = logging.getLogger("glu_fusion")
 
@@ -45,6 +45,26 @@ class Rewrite:
         return f"{self.family}: {self.spelling} {' '.join(self.shapes)} {self.dtype}{where}"
 
 
+@dataclasses.dataclass(frozen=True)
+class Leftover:
+    """A site that looks like one a family fuses (a gated product of two projections, say) and
+    that the pass left as it was, with the reason.
+
+    ``family``: the family it resembles; ``reason``: why it was not rewritten; ``source`` and
+    ``module`` as for :class:`Rewrite`.
+    """
+
+    family: str
+    reason: str
+    source: Optional[str] = None
+    module: Optional[str] = None
+
+    def line(self) -> str:
+        where = f" in {self.module}" if self.module else ""
+        where += f"  at {self.source}" if self.source else ""
+        return f"{self.family}-like site left: {self.reason}{where}"
+
+
 @dataclasses.dataclass
 class GraphRecord:
     """The rewrites of one run of the pass over one graph (a subgraph counts as its own graph)."""
@@ -55,6 +75,11 @@ class GraphRecord:
     #: device types of a graph the pass left alone because ``config.rewrite_devices`` names none
     #: of them (empty when the pass searched the graph)
     skipped_devices: tuple[str, ...] = ()
+    #: look-alike sites the pass left, each with its reason
+    left: list[Leftover] = dataclasses.field(default_factory=list)
+    #: sites a family refused during this run, by their anchor node; :meth:`Report.settle_left`
+    #: keeps those still in the graph once every pattern has run
+    _candidates: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     def counts(self) -> dict[str, int]:
         """Rewrites per family in this graph."""
@@ -63,8 +88,11 @@ class GraphRecord:
     def summary(self) -> str:
         """One line: the counts per family, or why nothing was rewritten."""
         counts = ", ".join(f"{k}={v}" for k, v in sorted(self.counts().items()))
+        left = f"{len(self.left)} look-alike site(s) left" if self.left else ""
         if counts:
-            return counts
+            return f"{counts}; {left}" if left else counts
+        if left:
+            return f"nothing rewritten; {left}"
         if self.skipped_devices:
             devices = ",".join(self.skipped_devices)
             return (f"nothing rewritten: the graph is on {devices}, and only graphs on "
@@ -184,6 +212,29 @@ class Report:
             record.rewrites.append(rewrite)
         log.info("rewrote %s", rewrite.line())
 
+    def consider_left(self, anchor: object, leftover: Leftover) -> None:
+        """Note that a family refused the site at ``anchor``, and why (the first reason noted
+        for an anchor stands).  Whether it stays left is known only when every pattern has run:
+        another pattern may still rewrite it (:meth:`settle_left`)."""
+        record = getattr(self._local, "current", None)
+        if record is not None:
+            record._candidates.setdefault(anchor, leftover)
+
+    def settle_left(self, record: GraphRecord) -> None:
+        """Record and log the noted sites whose anchor node is still in the graph."""
+        for anchor, leftover in record._candidates.items():
+            if getattr(anchor, "_erased", False):
+                continue
+            with self._lock:
+                record.left.append(leftover)
+            log.info("left %s", leftover.line())
+        record._candidates.clear()
+
+    @property
+    def left(self) -> list[Leftover]:
+        """Every look-alike site left, over all graphs, in order."""
+        return [lo for g in self.graphs for lo in g.left]
+
     def __str__(self) -> str:
         graphs, cached = self.graphs, self.cached_graphs
         head = (f"glu_fusion rewrite report: {sum(len(g.rewrites) for g in graphs)} rewrite(s) "
@@ -194,6 +245,7 @@ class Report:
         for g in graphs:
             lines.append(f"  graph {g.index}: {g.summary()}")
             lines.extend(f"    {r.line()}" for r in g.rewrites)
+            lines.extend(f"    {lo.line()}" for lo in g.left)
         lines.extend(f"  cached graph {c.index}: {c.summary()}" for c in cached)
         return "\n".join(lines)
 

@@ -64,6 +64,12 @@ ACTIVATIONS = ("F.silu", "nn.SiLU", "g*sigmoid(g)", "sigmoid(g)*g", "g*g.sigmoid
 PRODUCTS = ("*", "torch.mul", ".mul")
 SOURCES = ("separate", "chunk", "split", "split_sizes", "unbind_view", "interleaved", "interleaved_unbind")
 WEIGHTS = ("plain", "modules", "frozen", "tied", "lora")
+#: How a bias-free projection by a stored weight is written (``W[K,N]``: the weight is stored
+#: transposed and used as ``x @ W``); projections with a bias, ``nn.Linear`` modules and LoRA
+#: weights keep ``F.linear``.
+PROJECTIONS = ("F.linear", "x @ W.t()", "x @ W.T", "torch.matmul(x, W.mT)", "x @ W[K,N]")
+#: The weight kinds a matmul projection is drawn for.
+MATMUL_WEIGHTS = ("plain", "frozen", "tied")
 GRAD_MODES = ("train", "no_grad", "inference_mode")
 DYNAMIC = ("static", "dynamic", "mark_dynamic")
 
@@ -97,6 +103,7 @@ class Case:
     residual: bool = False          # mlp_block: x + down(h)
     extra_user: bool = False        # the SwiGLU output h also feeds a second output
     weights: str = "plain"
+    projection: str = "F.linear"    # a key of PROJECTIONS, for bias-free projections
     # gated norm / look-alike spelling
     spelling: str = ""
     # execution context
@@ -367,6 +374,8 @@ class FuzzModule(nn.Module):
                     continue
                 if c.weights == "tied" and name == "u":
                     self.w_u = self.w_g  # one Parameter under two names
+                elif c.projection == "x @ W[K,N]" and not has_bias:
+                    setattr(self, f"w_{name}", param(cols, rows, scale=1 / math.sqrt(cols)))
                 else:
                     setattr(self, f"w_{name}", param(rows, cols, scale=1 / math.sqrt(cols)))
                 if has_bias:
@@ -390,7 +399,20 @@ class FuzzModule(nn.Module):
     def proj(self, name: str, x):
         if self.case.weights == "modules":
             return getattr(self, f"proj_{name}")(x)
-        return F.linear(x, self.weight(name), getattr(self, f"bias_{name}", None))
+        bias = getattr(self, f"bias_{name}", None)
+        spelling = self.case.projection
+        if bias is not None or spelling == "F.linear":
+            return F.linear(x, self.weight(name), bias)
+        w = self.weight(name)
+        if spelling == "x @ W.t()":
+            return x @ w.t()
+        if spelling == "x @ W.T":
+            return x @ w.T
+        if spelling == "torch.matmul(x, W.mT)":
+            return torch.matmul(x, w.mT)
+        if spelling == "x @ W[K,N]":
+            return x @ w
+        raise ValueError(spelling)
 
     def body(self, *inputs):
         c = self.case
