@@ -8,81 +8,27 @@ attribute                environment variable        meaning
 ``recompute``            ``GLU_FUSION_RECOMPUTE``    SwiGLU backward recomputes its pre-activations
 =======================  ==========================  ===========================================
 
-Values are read from the environment when this module is imported.  A bad value there never
-raises (this module is imported at every ``import torch`` through the entry point): it is logged
-as a warning, the default is kept, and ``env_errors`` lists it, which keeps ``GLU_FUSION``'s
-global switch off.  Assigning an attribute afterwards (``glu_fusion.config.recompute = True``)
-validates the value and raises :class:`SettingError` on a bad one.  :func:`cache_key` says which
-settings change what the pass writes into a graph.
+Values are read from the environment when this module is imported, by the parser the
+``import torch`` entry point uses too (``glu_fusion_entry_points``, standard library only).  A
+bad value there never raises: it is logged once per process (by whichever of the two sees it
+first), the default is kept, and ``env_errors`` lists it, which keeps ``GLU_FUSION=1`` off; an
+explicit ``backend=glu_fusion.backend`` still runs the pass.  Assigning an attribute afterwards
+(``glu_fusion.config.recompute = 1``) validates the value (on/off settings take bools, 0/1 and
+strings such as ``"true"``) and raises :class:`SettingError` on a bad one.  :func:`cache_key`
+says which settings change what the pass writes into a graph.
 """
 from __future__ import annotations
 
-import logging
 import os
 import sys
 import types
-from typing import Any, Callable, Mapping
+from typing import Any
+
+from glu_fusion_entry_points import (DEVICE_TYPES, ENVIRONMENT, PARSERS as _PARSERS, SettingError,
+                                     read_environment, warn_environment)
 
 __all__ = ["SettingError", "DEVICE_TYPES", "ENVIRONMENT", "enabled", "rewrite_devices", "recompute",
            "env_errors", "cache_key", "read_environment"]
-
-_log = logging.getLogger("glu_fusion")
-
-#: Device types the pass can rewrite graphs for.
-DEVICE_TYPES = ("cpu", "cuda")
-
-#: The environment variable behind each setting.
-ENVIRONMENT = {"enabled": "GLU_FUSION", "rewrite_devices": "GLU_FUSION_DEVICES",
-               "recompute": "GLU_FUSION_RECOMPUTE"}
-
-_DEFAULTS: dict[str, Any] = {"enabled": False, "rewrite_devices": ("cuda",), "recompute": False}
-_TRUE = ("1", "true", "yes", "on")
-_FALSE = ("0", "false", "no", "off", "")
-
-
-class SettingError(ValueError):
-    """A setting was given a value outside the ones it accepts."""
-
-
-def _flag(name: str, value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
-        return value.strip().lower() in _TRUE
-    raise SettingError(f"glu_fusion: {name} must be one of 1, 0, true, false, yes, no, on, off; "
-                       f"got {value!r}")
-
-
-def _devices(name: str, value: Any) -> tuple[str, ...]:
-    parts = value.split(",") if isinstance(value, str) else value
-    try:
-        names = sorted({str(p).strip().lower() for p in parts if str(p).strip()})
-    except TypeError:
-        names = []
-    if not names or any(n not in DEVICE_TYPES for n in names):
-        raise SettingError(f"glu_fusion: {name} must name device types among {', '.join(DEVICE_TYPES)} "
-                           f"(comma-separated, e.g. 'cuda,cpu'); got {value!r}")
-    return tuple(names)
-
-
-_PARSERS: dict[str, Callable[[str, Any], Any]] = {"enabled": _flag, "rewrite_devices": _devices,
-                                                  "recompute": _flag}
-
-
-def read_environment(environ: Mapping[str, str]) -> tuple[dict[str, Any], list[str]]:
-    """Every setting from ``environ``: (values, one message per rejected variable).  A rejected
-    variable keeps its default; nothing raises."""
-    values, errors = dict(_DEFAULTS), []
-    for attr, variable in ENVIRONMENT.items():
-        raw = environ.get(variable)
-        if raw is None or raw.strip() == "":
-            continue
-        try:
-            values[attr] = _PARSERS[attr](variable, raw)
-        except SettingError as err:
-            errors.append(str(err))
-    return values, errors
-
 
 _values, _errors = read_environment(os.environ)
 
@@ -96,8 +42,7 @@ rewrite_devices: tuple[str, ...] = _values["rewrite_devices"]
 recompute: bool = _values["recompute"]
 #: The environment variables rejected at import, as messages; non-empty keeps autoload off.
 env_errors: tuple[str, ...] = tuple(_errors)
-for _message in env_errors:
-    _log.warning("%s; the default is kept and GLU_FUSION's global switch stays off", _message)
+warn_environment(_errors)  # once per process: a no-op when the entry point warned at ``import torch``
 del _values, _errors
 
 

@@ -59,14 +59,42 @@ def test_cached_graphs_in_the_report():
     rep = Report()
     rep.add_cached({"mlp_block": 2, "mlp_dgated": 2})
     rep.add_cached({})
-    assert [g.total for g in rep.cached_graphs] == [4, 0]
-    assert rep.cached_op_counts() == {"mlp_block": 2, "mlp_dgated": 2}
+    assert [g.total for g in rep.cached_graphs] == [2, 0]
+    assert rep.cached_counts() == {"mlp_block": 2}
+    assert rep.cached_graphs[0].op_calls == {"mlp_block": 2, "mlp_dgated": 2}  # the detail stays
     text = str(rep)
     assert "2 graph(s) served from Inductor's cache" in text
-    assert "served from Inductor's cache: 4 fused op call(s) found (mlp_block=2, mlp_dgated=2)" in text
+    assert "served from Inductor's cache: 2 fused site(s) (mlp_block=2)" in text
     rep.reset()
-    assert rep.cached_graphs == [] and rep.cached_op_counts() == {}
+    assert rep.cached_graphs == [] and rep.cached_counts() == {}
 
+
+def test_cached_sites_count_in_the_rewrites_vocabulary():
+    """A forward op and its backward ops are the one site of the family the pass rewrote."""
+    rep = Report()
+    rep.add_cached(count_op_calls(GENERATED))  # mlp_block, its backward op, and a swiglu forward
+    rep.add_cached({"swiglu_packed": 1, "swiglu_preact": 1, "swiglu_dh": 1, "weight_grad": 2,
+                    "grouped_swiglu_packed": 1, "grouped_swiglu_dw": 1, "rms_norm_gated": 1,
+                    "rms_norm_gated_backward": 1})
+    assert rep.cached_counts() == {"mlp_block": 1, "swiglu": 2, "experts": 1, "rms_norm_gated": 1}
+    assert "served from Inductor's cache: 2 fused site(s) (mlp_block=1, swiglu=1)" in str(rep)
+
+
+def test_every_op_of_ours_has_its_place_in_the_report():
+    """A new op must be named a forward op of a family, or a backward op, for cached counts."""
+    import glu_fusion.ops  # noqa: F401  (registers them)
+    from glu_fusion.ops import grouped_swiglu, mlp_block, rms_norm, rms_norm_gated, swiglu  # noqa: F401
+    from glu_fusion.compile.report import BACKWARD_OPS, FORWARD_OP_FAMILY
+    from glu_fusion.patterns import experts, rms_norm as norm_pattern, rms_norm_gated as gated_pattern
+    from glu_fusion.patterns import swiglu as swiglu_pattern
+    ours = {name.split("::")[1].split(".")[0] for name in torch._C._dispatch_get_all_op_names()
+            if name.startswith("glu_fusion::") and not name.split(".")[0].endswith("_nograd")}
+    assert ours == set(FORWARD_OP_FAMILY) | BACKWARD_OPS
+    families = {experts.NAME, norm_pattern.NAME, gated_pattern.NAME, swiglu_pattern.NAME, swiglu_pattern.BLOCK_NAME}
+    assert set(FORWARD_OP_FAMILY.values()) == families
+
+
+    
 
 # --- SwiGLU-like sites the pass leaves: each is reported with its reason ---------------------------
 

@@ -85,3 +85,52 @@ def test_cache_key_names_the_settings_that_change_graphs(monkeypatch):
 def test_unknown_setting_is_refused():
     with pytest.raises(AttributeError, match="no setting 'forward_tma'"):
         config.forward_tma = False
+
+
+@pytest.mark.parametrize("typed, expected", [(1, True), (0, False), (True, True), (False, False),
+                                             ("1", True), ("0", False), ("true", True), (" Off ", False)])
+@pytest.mark.parametrize("setting", ["recompute", "enabled"])
+def test_on_off_settings_take_what_users_type(setting, typed, expected, monkeypatch):
+    monkeypatch.setattr(config, setting, typed)
+    assert getattr(config, setting) is expected
+
+
+@pytest.mark.parametrize("typed", [2, -1, 1.0, None, "maybe"])
+def test_on_off_settings_reject_other_values(typed, monkeypatch):
+    monkeypatch.setattr(config, "recompute", False)
+    with pytest.raises(config.SettingError, match=r"recompute must be one of 1, true, .*0, false.*True or False"):
+        config.recompute = typed
+    assert config.recompute is False
+
+
+_IMPORT_TORCH_THEN_PACKAGE = ("import sys, torch; print('PACKAGE' if 'glu_fusion' in sys.modules else 'LIGHT'); "
+                              "print('TORCH IMPORTED', file=sys.stderr, flush=True); "
+                              "import glu_fusion; print('ERRORS', len(glu_fusion.config.env_errors))")
+
+
+@pytest.mark.parametrize("switch", [None, "1"], ids=["switch-unset", "switch-on"])
+def test_a_bad_environment_value_warns_once_at_import_torch(switch):
+    """Warned by the entry point at ``import torch`` (without importing the package), and not
+    again when the package is imported afterwards."""
+    env = {"GLU_FUSION_DEVICES": "tpu"}
+    if switch is not None:
+        env["GLU_FUSION"] = switch
+    full = {k: v for k, v in os.environ.items() if not k.startswith("GLU_FUSION")}
+    full.update(env)
+    done = subprocess.run([sys.executable, "-c", _IMPORT_TORCH_THEN_PACKAGE], env=full, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "LIGHT" in done.stdout and "ERRORS 1" in done.stdout
+    at_import_torch, after = done.stderr.split("TORCH IMPORTED")
+    warnings = [line for line in at_import_torch.splitlines() if "glu_fusion" in line]
+    assert len(warnings) == 1 and "glu_fusion" not in after, done.stderr
+    assert "GLU_FUSION_DEVICES" in warnings[0] and "among cpu, cuda" in warnings[0] and "'tpu'" in warnings[0]
+
+
+def test_the_warning_says_what_still_works():
+    text = config.read_environment({"GLU_FUSION_RECOMPUTE": "maybe"})[1]
+    from glu_fusion_entry_points import environment_warning
+    message = environment_warning(text)
+    assert "GLU_FUSION_RECOMPUTE" in message and "'maybe'" in message
+    assert "GLU_FUSION=1 stays off" in message
+    assert "backend=glu_fusion.backend" in message and "still runs the pass" in message

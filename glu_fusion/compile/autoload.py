@@ -5,7 +5,8 @@ of ``import torch``; when ``GLU_FUSION`` is set it calls :func:`autoload` here. 
 would add over a second to every ``import torch``, so instead a one-shot import hook waits for
 ``torch._inductor.config`` to be imported (which ``torch.compile`` does) and installs the pass into
 it then.  Nothing here may raise: an exception would make ``import torch`` fail.  A setting
-with a bad value (``config.env_errors``) logs a warning and leaves the pass off.
+with a bad value (``config.env_errors``) leaves the pass off; the entry point has warned about it
+already and does not call in here then.
 """
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ code calls the fused ops.  :func:`watch` brackets one compile (the backend's cal
 ``compile_fx``, or a whole Dynamo frame compile when the pass is installed globally): when
 Inductor's or AOTAutograd's cache counters say it hit and the pass did not run meanwhile, it
 counts the ``torch.ops.glu_fusion.*`` calls in the Python modules Inductor loaded for it and adds
-a ``CachedGraph`` to the report.  Watches nest: only the outermost one records.  Nothing here
+a ``CachedGraph`` to the report, which turns those op calls into fused sites per family.  Watches nest: only the outermost one records.  Nothing here
 raises into a compile.
 """
 from __future__ import annotations

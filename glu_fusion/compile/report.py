@@ -5,7 +5,9 @@ Every rewrite is logged on the ``glu_fusion`` logger (one INFO line) and kept in
 one :class:`GraphRecord`, also when it rewrote nothing, so a caller can tell "the pass ran and
 found nothing" from "the pass never ran".  A process that finds the compiled graph in Inductor's
 cache does not run the pass; ``compile.cache_watch`` then counts the calls of our ops in the code
-the cache served and adds a :class:`CachedGraph`, so the report says what that code runs.
+the cache served and adds a :class:`CachedGraph`, so the report says what that code runs.  Both
+count in one vocabulary, fused sites per family: a cached graph's sites come from its op calls,
+one per forward op call, its backward ops being part of that site (:func:`family_counts`).
 """
 from __future__ import annotations
 
@@ -17,9 +19,32 @@ import time
 from collections import Counter
 from typing import Iterator, Optional
 
-__all__ = ["Rewrite", "Leftover", "GraphRecord", "CachedGraph", "Report", "REPORT", "report", "log"]
+__all__ = ["Rewrite", "Leftover", "GraphRecord", "CachedGraph", "Report", "REPORT", "report", "log",
+           "FORWARD_OP_FAMILY", "BACKWARD_OPS", "family_counts"]
 
 log = logging.getLogger("glu_fusion")
+
+#: The ops the pass writes into a graph, each with the family of the site it fuses.
+FORWARD_OP_FAMILY = {"swiglu": "swiglu", "swiglu_packed": "swiglu", "mlp_block": "mlp_block",
+                     "mlp_block_packed": "mlp_block", "grouped_swiglu": "experts",
+                     "grouped_swiglu_packed": "experts", "rms_norm": "rms_norm",
+                     "rms_norm_gated": "rms_norm_gated"}
+#: The ops a forward op's backward calls: part of that forward op's site, never a site of their own.
+BACKWARD_OPS = frozenset({"swiglu_preact", "swiglu_dx", "swiglu_dh", "swiglu_dh_inplace", "swiglu_dw",
+                          "swiglu_packed_dw", "weight_grad", "mlp_dgated", "mlp_dgated_inplace",
+                          "grouped_swiglu_dh", "grouped_swiglu_dx", "grouped_swiglu_dw",
+                          "rms_norm_backward", "rms_norm_gated_backward"})
+
+
+def family_counts(op_calls: dict[str, int]) -> dict[str, int]:
+    """Fused sites per family from op calls in generated code, so that a cached graph counts in
+    the rewrites' vocabulary: each forward op call is one site; backward ops add none."""
+    sites: Counter = Counter()
+    for op, calls in op_calls.items():
+        family = FORWARD_OP_FAMILY.get(op)
+        if family is not None:
+            sites[family] += calls
+    return dict(sites)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,19 +136,24 @@ class CachedGraph:
     """A compiled graph Inductor served from its cache, so the pass did not run on it.
 
     ``op_calls``: the calls of our ops (``_nograd`` twins counted as their op) in the code the
-    cache served, per op name; empty when that code calls none of them.
+    cache served, per op name, backward ops included; empty when that code calls none of them.
+    :meth:`counts` and :attr:`total` count fused sites per family, as a :class:`GraphRecord` does.
     """
 
     index: int
     op_calls: dict[str, int]
 
+    def counts(self) -> dict[str, int]:
+        """Fused sites per family in this graph's code."""
+        return family_counts(self.op_calls)
+
     @property
     def total(self) -> int:
-        return sum(self.op_calls.values())
+        return sum(self.counts().values())
 
     def summary(self) -> str:
-        counts = ", ".join(f"{k}={v}" for k, v in sorted(self.op_calls.items()))
-        return (f"served from Inductor's cache: {self.total} fused op call(s) found"
+        counts = ", ".join(f"{k}={v}" for k, v in sorted(self.counts().items()))
+        return (f"served from Inductor's cache: {self.total} fused site(s)"
                 + (f" ({counts})" if counts else ""))
 
 
@@ -153,11 +183,12 @@ class Report:
         with self._lock:
             return list(self._cached)
 
-    def cached_op_counts(self) -> dict[str, int]:
-        """Calls of our ops, per op name, in the code of every graph served from the cache."""
+    def cached_counts(self) -> dict[str, int]:
+        """Fused sites per family in the code of every graph served from the cache (the
+        counterpart of :meth:`counts`, which counts the rewrites of the graphs the pass ran on)."""
         total: Counter = Counter()
         for g in self.cached_graphs:
-            total.update(g.op_calls)
+            total.update(g.counts())
         return dict(total)
 
     def add_cached(self, op_calls: dict[str, int]) -> CachedGraph:
@@ -257,6 +288,7 @@ REPORT = Report()
 def report() -> Report:
     """The process-wide rewrite report: ``.graphs`` (one record per graph the pass ran on, with
     ``.rewrites`` and ``.counts()``), ``.counts()`` per family, ``.total``, ``.reset()``;
-    ``.cached_graphs`` and ``.cached_op_counts()`` for graphs served from Inductor's cache;
+    ``.cached_graphs`` and ``.cached_counts()`` (sites per family too) for graphs served from
+    Inductor's cache;
     ``str(report())`` is a readable summary."""
     return REPORT
