@@ -16,7 +16,7 @@ from torch import fx
 
 from glu_fusion import config
 
-__all__ = ["Family", "fake", "same_size", "same_shape", "declared_kwargs_only", "ordered_pure_span",
+__all__ = ["Family", "fake", "same_size", "same_shape", "size_hint", "declared_kwargs_only", "ordered_pure_span",
            "metadata_only", "value_users", "single_value_user", "erase_dead", "common_tensor_kind", "source_line", "module_path", "copy_meta", "shape_str", "REWRITE_DTYPES"]
 
 #: dtypes the fused ops run their kernels for; other dtypes are left alone.
@@ -58,6 +58,28 @@ def same_size(a: object, b: object) -> bool:
 def same_shape(a: Sequence[object], b: Sequence[object]) -> bool:
     """Shapes provably equal, dimension by dimension (adds no guard)."""
     return len(a) == len(b) and all(same_size(x, y) for x, y in zip(a, b))
+
+
+def size_hint(size: object) -> Optional[int]:
+    """The value a size had when the graph was traced (adds no guard); None when unknown (an
+    unbacked size, or not a size).
+
+    For decisions about speed only, as Inductor picks its own kernel configurations from hints:
+    a graph compiled for a symbolic size runs at every size, so whatever such a decision picks
+    must be right at every size, not just at the hint's.
+    """
+    if isinstance(size, bool):
+        return None
+    if isinstance(size, int):
+        return size
+    if not isinstance(size, torch.SymInt):
+        return None
+    node = size.node
+    try:
+        hint = node.hint if node.has_hint() else None
+    except Exception:  # a shape environment that cannot evaluate it
+        return None
+    return int(hint) if isinstance(hint, int) else None
 
 
 def declared_kwargs_only(match: object) -> bool:

@@ -25,11 +25,11 @@ from torch import fx
 from torch._inductor.pattern_matcher import Match, register_graph_pattern
 
 from glu_fusion import config
-from glu_fusion.compile.report import REPORT, Rewrite
+from glu_fusion.compile.report import REPORT, Rewrite, log
 
 from ._common import (REWRITE_DTYPES, Family, copy_meta, erase_dead, fake, ordered_pure_span, same_shape, same_size,
-                      shape_str, site_resolves, source_line, value_users)
-from .rms_norm_gated import _ADD_F, _ADD_M, _Site, _binary, _is, _single_user
+                      shape_str, site_resolves, size_hint, source_line, value_users)
+from .rms_norm_gated import _ADD_F, _ADD_M, _Site, _binary, _eps_value, _is, _single_user, _traced_size
 from .rms_norm_gated import _from_rsqrt as _gated_walk
 from .rms_norm_gated import norm_anchors
 
@@ -52,7 +52,10 @@ def worth_rewriting(device_type: str, d: int, rows: Optional[int]) -> bool:
     """Whether to rewrite a norm over rows of ``d`` columns (``rows``: None when symbolic).
 
     The one place the rewrite decision lives: set the device types and the row and width ranges
-    here from the GPU benchmark, where the kernels measured faster than Inductor's.
+    here from the GPU benchmark, where the kernels measured faster than Inductor's.  A symbolic
+    width (``dynamic=True``) comes as the width the graph was traced with: the op takes rows
+    wider than its kernels to the reference itself, so the compiled graph stays right at every
+    width and this only decides what pays.
     """
     if device_type not in config.rewrite_devices:
         return False
@@ -128,11 +131,12 @@ def _from_rms_norm(match: Match) -> Optional[_Site]:
     w = node.args[2] if len(node.args) > 2 else node.kwargs.get("weight")
     eps = node.args[3] if len(node.args) > 3 else node.kwargs.get("eps")
     tx = fake(x)
-    if tx is None or not isinstance(shape, (list, tuple)) or len(shape) != 1 or not same_size(shape[0], tx.shape[-1]):
+    if tx is None or not isinstance(shape, (list, tuple)) or len(shape) != 1 or \
+            not same_size(_traced_size(shape[0]), tx.shape[-1]):  # (x.shape[-1],): a SymInt node when dynamic
         return None
     if eps is None:
         eps = torch.finfo(torch.promote_types(tx.dtype, _FP32)).eps  # what F.rms_norm uses
-    if not isinstance(eps, float):
+    if not _eps_value(eps):
         return None
     site = _Site(x=x, eps=eps, nodes=[node], spelling=["rms_norm"], out=node)
     if w is not None:
@@ -173,12 +177,17 @@ def _resolve(match: Match, kind: str) -> Optional[_Plan]:
     tx, ty = fake(site.x), fake(site.out)
     if tx is None or ty is None or tx.dtype not in REWRITE_DTYPES or ty.dtype != tx.dtype:
         return None
-    if not same_shape(tx.shape, ty.shape) or not isinstance(tx.shape[-1], int) or tx.dim() < 1:
+    if tx.dim() < 1 or not same_shape(tx.shape, ty.shape):
+        return None
+    width = size_hint(tx.shape[-1])  # symbolic under dynamic=True: the traced width (no guard)
+    if width is None:
+        log.info("left %s at %s alone: its width %s has no traced value to decide on", NAME,
+                 source_line(site.out) or "?", tx.shape[-1])
         return None
     rows = 1
     for s in tx.shape[:-1]:
         rows = rows * s if isinstance(s, int) and rows is not None else None
-    if not worth_rewriting(tx.device.type, tx.shape[-1], rows):
+    if not worth_rewriting(tx.device.type, width, rows):
         return None
     if site.weight is not None:
         tw = fake(site.weight)
