@@ -5,7 +5,8 @@ the ``GLU_FUSION`` entry point imports the package at every ``import torch``.
 """
 from __future__ import annotations
 
-from typing import Optional
+import numbers
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
@@ -25,6 +26,8 @@ def swiglu(x: Tensor, w_gate: Tensor, w_up: Tensor, bias_gate: Optional[Tensor] 
     pre-activations for backward unless ``config.recompute`` (``GLU_FUSION_RECOMPUTE=1``) is set."""
     from .ops import swiglu as swiglu_ops
 
+    _tensors("swiglu", x=x, w_gate=w_gate, w_up=w_up)
+    _optional_tensors("swiglu", bias_gate=bias_gate, bias_up=bias_up)
     if (bias_gate is None) != (bias_up is None):
         raise ValueError("glu_fusion.swiglu: give both bias_gate and bias_up, or neither")
     save = _save_preact(x, w_gate, w_up, bias_gate, bias_up)
@@ -41,6 +44,8 @@ def swiglu_packed(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
     """
     from .ops import swiglu as swiglu_ops
 
+    _tensors("swiglu_packed", x=x, weight=weight)
+    _optional_tensors("swiglu_packed", bias=bias)
     if layout not in LAYOUTS:
         raise ValueError(f"glu_fusion.swiglu_packed: layout must be one of {sorted(LAYOUTS)}, "
                          f"got {layout!r}")
@@ -56,6 +61,8 @@ def mlp_block(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, bias_gate
     recomputes ``h`` inside the GEMM that computes its gradient."""
     from .ops import mlp_block as block_ops
 
+    _tensors("mlp_block", x=x, w_gate=w_gate, w_up=w_up, w_down=w_down)
+    _optional_tensors("mlp_block", bias_gate=bias_gate, bias_up=bias_up, bias_down=bias_down)
     if (bias_gate is None) != (bias_up is None):
         raise ValueError("glu_fusion.mlp_block: give both bias_gate and bias_up, or neither")
     save = _save_preact(x, w_gate, w_up, bias_gate, bias_up, w_down, bias_down)
@@ -68,6 +75,8 @@ def mlp_block_packed(x: Tensor, weight: Tensor, w_down: Tensor, bias: Optional[T
     ``swiglu_packed``)."""
     from .ops import mlp_block as block_ops
 
+    _tensors("mlp_block_packed", x=x, weight=weight, w_down=w_down)
+    _optional_tensors("mlp_block_packed", bias=bias, bias_down=bias_down)
     if layout not in LAYOUTS:
         raise ValueError(f"glu_fusion.mlp_block_packed: layout must be one of {sorted(LAYOUTS)}, "
                          f"got {layout!r}")
@@ -81,9 +90,13 @@ def grouped_swiglu(x: Tensor, offsets: Tensor, w_gate: Tensor, w_up: Tensor,
     """Expert SwiGLU over tokens ``x`` [T, K] sorted by expert: ``offsets`` [E] int32 holds the
     cumulative token counts, ``w_gate``/``w_up`` are [E, N, K] (any strides), biases [E, N].
     Returns [T, N], zero on rows past ``offsets[-1]``.  ``activation="gptoss"`` applies gpt-oss's
-    clamped gate with ``alpha`` and ``limit``.  Differentiable in x, the weights and biases."""
+    clamped gate with ``alpha`` and ``limit``.  Differentiable in x, the weights and biases.
+    CPU offsets that are not cumulative counts (negative, decreasing, past T) raise ValueError;
+    CUDA offsets are not checked, since reading them on the host would synchronise each call."""
     from .ops import grouped_swiglu as grouped_ops
 
+    _tensors("grouped_swiglu", x=x, offsets=offsets, w_gate=w_gate, w_up=w_up)
+    _optional_tensors("grouped_swiglu", bias_gate=bias_gate, bias_up=bias_up)
     save = _save_preact(x, w_gate, w_up, bias_gate, bias_up)
     return grouped_ops.grouped_swiglu(x, offsets, w_gate, w_up, bias_gate, bias_up, activation, float(alpha),
                                       float(limit), save)[0]
@@ -94,9 +107,11 @@ def grouped_swiglu_packed(x: Tensor, offsets: Tensor, weight: Tensor, bias: Opti
                           limit: float = GPTOSS_LIMIT) -> Tensor:
     """Expert SwiGLU with one packed ``[E, 2N, K]`` weight (and ``[E, 2N]`` bias) read in place;
     ``layout`` as for ``swiglu_packed`` (gpt-oss: ``"interleaved"``; its ``[E, K, 2N]`` storage
-    passes as ``weight.transpose(1, 2)``)."""
+    passes as ``weight.transpose(1, 2)``); ``offsets`` checked as for ``grouped_swiglu``."""
     from .ops import grouped_swiglu as grouped_ops
 
+    _tensors("grouped_swiglu_packed", x=x, offsets=offsets, weight=weight)
+    _optional_tensors("grouped_swiglu_packed", bias=bias)
     if layout not in LAYOUTS:
         raise ValueError(f"glu_fusion.grouped_swiglu_packed: layout must be one of {sorted(LAYOUTS)}, "
                          f"got {layout!r}")
@@ -114,6 +129,8 @@ def rms_norm(x: Tensor, weight: Optional[Tensor] = None, eps: float = 1e-6, resi
     residual, through both outputs."""
     from .ops import rms_norm as norm_ops
 
+    _tensors("rms_norm", x=x)
+    _optional_tensors("rms_norm", weight=weight, residual=residual)
     if x.dim() >= 1 and x.shape[-1] == 0:
         return _empty_rows_norm(x, weight, residual)
     y, h, _ = norm_ops.rms_norm(x, weight, residual, float(eps), float(weight_offset), downcast)
@@ -137,10 +154,38 @@ def rms_norm_gated(x: Tensor, z: Tensor, weight: Optional[Tensor] = None, eps: f
     """
     from .ops import rms_norm_gated as norm_ops
 
-    if x.dim() >= 1 and x.shape[-1] == 0 and tuple(z.shape) == tuple(x.shape) and group_size is None:
+    _tensors("rms_norm_gated", x=x, z=z)
+    _optional_tensors("rms_norm_gated", weight=weight)
+    group_size = _group_size(group_size)
+    if x.dim() >= 1 and x.shape[-1] == 0 and tuple(z.shape) == tuple(x.shape):
         return _empty_rows_norm(x, weight, None, z)[0]
     return norm_ops.rms_norm_gated(x, z, weight, float(eps), group_size, bool(norm_before_gate), activation,
                                    float(weight_offset), downcast, bool(gate_in_input_dtype))[0]
+
+
+def _tensors(function: str, **arguments: Any) -> None:
+    """A clear TypeError naming the argument, where the ops would fail on a missing attribute."""
+    for name, value in arguments.items():
+        if not isinstance(value, Tensor):
+            raise TypeError(f"glu_fusion.{function}: {name} must be a torch.Tensor, got {type(value).__name__}")
+
+
+def _optional_tensors(function: str, **arguments: Any) -> None:
+    """As :func:`_tensors`, for arguments that may also be None."""
+    _tensors(function, **{name: value for name, value in arguments.items() if value is not None})
+
+
+def _group_size(group_size: Any) -> Optional[int]:
+    """``group_size`` as the op's schema takes it (None or a positive int), checked here so that
+    a float or a bool gets an error naming it instead of a schema mismatch."""
+    if group_size is None:
+        return None
+    if isinstance(group_size, bool) or not isinstance(group_size, numbers.Integral):
+        raise TypeError(f"glu_fusion.rms_norm_gated: group_size must be an int or None, got "
+                        f"{type(group_size).__name__} {group_size!r}")
+    if group_size <= 0:
+        raise ValueError(f"glu_fusion.rms_norm_gated: group_size must be positive, got {group_size}")
+    return int(group_size)
 
 
 def _save_preact(*tensors: Optional[Tensor]) -> bool:

@@ -16,7 +16,7 @@ from torch import fx
 
 from glu_fusion import config
 
-__all__ = ["Family", "fake", "same_size", "same_shape", "size_hint", "declared_kwargs_only", "ordered_pure_span",
+__all__ = ["Family", "fake", "same_size", "same_shape", "size_hint", "constant_size", "declared_kwargs_only", "ordered_pure_span",
            "metadata_only", "value_users", "single_value_user", "erase_dead", "common_tensor_kind", "source_line", "module_path", "copy_meta", "shape_str", "REWRITE_DTYPES"]
 
 #: dtypes the fused ops run their kernels for; other dtypes are left alone.
@@ -80,6 +80,16 @@ def size_hint(size: object) -> Optional[int]:
     except Exception:  # a shape environment that cannot evaluate it
         return None
     return int(hint) if isinstance(hint, int) else None
+
+
+def constant_size(size: object) -> Optional[int]:
+    """``size`` as an int when it is one, or a symbolic size provably equal to its traced value
+    (``D // (D // 16)`` with ``D`` a multiple of 16, as the last size of ``x.view(..., -1, 16)``
+    traces under ``dynamic=True``); None otherwise.  Adds no guard."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        return size
+    hint = size_hint(size)
+    return hint if hint is not None and same_size(size, hint) else None
 
 
 def declared_kwargs_only(match: object) -> bool:

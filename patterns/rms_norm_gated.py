@@ -30,8 +30,8 @@ from torch._inductor.pattern_matcher import CallFunction, CallMethod, KeywordArg
 from glu_fusion import config
 from glu_fusion.compile.report import REPORT, Rewrite
 
-from ._common import (REWRITE_DTYPES, Family, copy_meta, erase_dead, fake, ordered_pure_span, same_size,
-                      shape_str, single_value_user, site_resolves, source_line, value_users)
+from ._common import (REWRITE_DTYPES, Family, constant_size, copy_meta, erase_dead, fake, ordered_pure_span,
+                      same_size, shape_str, single_value_user, site_resolves, source_line, value_users)
 
 NAME = "rms_norm_gated"
 _FP32 = torch.float32
@@ -200,7 +200,7 @@ def _downstream(h: fx.Node, site: _Site, stage: int = 0) -> None:
         other = _other(args, h) if args else None
         if not isinstance(other, fx.Node):
             break
-        if stage == 0 and site.weight is None and _weight(other, site):
+        if stage == 0 and site.weight is None and _weight(other, site, h):
             stage = 1
         elif site.norm_before_gate and site.z is None and stage < 2 and _gate(other, site) is not None:
             stage = 2
@@ -221,8 +221,12 @@ def _in_place_product(node, h: fx.Node) -> Optional[tuple]:
     return None
 
 
-def _weight(node: fx.Node, site: _Site) -> bool:
-    """``w``, ``w.float()``, ``1 + w``, ``w + 1`` with w a ``[D]`` tensor."""
+def _weight(node: fx.Node, site: _Site, normed: Optional[fx.Node] = None) -> bool:
+    """``w``, ``w.float()``, ``1 + w``, ``w + 1`` with w a ``[D]`` tensor.
+
+    ``normed``, the value w multiplies, may stand between the two widths: under ``dynamic=True``
+    a static weight's width can be provably that of the grouped norm's merged value, itself
+    provably x's width, where the shape environment does not chain the two equalities."""
     added = _binary(node, _ADD_F, _ADD_M)
     nodes = []
     offset = 0.0
@@ -234,7 +238,12 @@ def _weight(node: fx.Node, site: _Site) -> bool:
         offset, nodes, node = float(consts[0]), [node], tensors[0]
     w, casts = _uncast(node)
     tw, tx = fake(w), fake(site.x)
-    if tw is None or tw.dim() != 1 or not same_size(tw.shape[0], tx.shape[-1]) or tw.dtype not in REWRITE_DTYPES:
+    if tw is None or tw.dim() != 1 or tw.dtype not in REWRITE_DTYPES:
+        return False
+    tn = fake(normed)
+    if not (same_size(tw.shape[0], tx.shape[-1]) or (
+            tn is not None and tn.dim() >= 1 and same_size(tw.shape[0], tn.shape[-1])
+            and same_size(tn.shape[-1], tx.shape[-1]))):
         return False
     site.weight, site.offset = w, offset
     site.nodes += nodes + casts
@@ -309,7 +318,7 @@ def _grouped_weight_product(node, normed: fx.Node, group: int) -> Optional[tuple
     if not (_is(view, (torch.reshape,), ("view", "reshape")) and isinstance(view.args[0], fx.Node)):
         return None
     tv, tw = fake(view), fake(view.args[0])
-    if tv is None or tw is None or tw.dim() != 1 or tv.dim() != 2 or tv.shape[-1] != group:
+    if tv is None or tw is None or tw.dim() != 1 or tv.dim() != 2 or not same_size(tv.shape[-1], group):
         return None
     return view.args[0], node, view
 
@@ -320,18 +329,24 @@ _FLATTEN_F, _FLATTEN_M = (torch.flatten, torch.reshape), ("view", "reshape", "fl
 
 def _group_view(node: fx.Node) -> Optional[tuple[fx.Node, int]]:
     """(source, group size) when ``node`` splits the last dimension D of its source into
-    ``[..., G, D // G]`` (``view``/``reshape``/``unflatten``) with a constant group size."""
+    ``[..., G, D // G]`` (``view``/``reshape``/``unflatten``) with a constant group size.
+
+    Under ``dynamic=True`` D is a symbol and the group's size is traced as an expression in it
+    that is provably the constant (``D // (D // 16)``): that counts as constant."""
     if not (_is(node, (torch.reshape,), _VIEWS_M) and node.args and isinstance(node.args[0], fx.Node)):
         return None
     src = node.args[0]
     ts, tv = fake(src), fake(node)
     if ts is None or tv is None or tv.dim() != ts.dim() + 1:
         return None
-    group = tv.shape[-1]
-    if not isinstance(group, int) or group <= 0 or not all(
+    group = constant_size(tv.shape[-1])
+    if group is None or group <= 0 or not all(
             same_size(a, b) for a, b in zip(tv.shape[:-2], ts.shape[:-1])):
         return None
-    if not isinstance(ts.shape[-1], int) or tv.shape[-2] * group != ts.shape[-1]:
+    # A view keeps the element count: with x's leading sizes in front and the group last, it cuts
+    # D into D // group groups.  A symbolic D need not be provably a multiple of the group (the
+    # view raises for any other D, and so does the op); a static D is checked.
+    if isinstance(ts.shape[-1], int) and not same_size(tv.shape[-2] * group, ts.shape[-1]):
         return None
     return src, group
 

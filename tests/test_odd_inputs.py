@@ -179,6 +179,61 @@ def test_separate_bias_errors_use_public_names(fn):
             call(x, wg, wu, wd, bias_down=torch.randn(3))
 
 
+def _public_calls():
+    """Each public function with valid tensor arguments, by name, in its signature's order."""
+    x, w, wd = torch.randn(3, 8), torch.randn(12, 8), torch.randn(5, 12)
+    packed, offsets, experts = torch.randn(24, 8), torch.tensor([1, 3], dtype=torch.int32), torch.randn(2, 12, 8)
+    return {
+        "swiglu": dict(x=x, w_gate=w, w_up=w, bias_gate=None, bias_up=None),
+        "swiglu_packed": dict(x=x, weight=packed, bias=None),
+        "mlp_block": dict(x=x, w_gate=w, w_up=w, w_down=wd, bias_gate=None, bias_up=None, bias_down=None),
+        "mlp_block_packed": dict(x=x, weight=packed, w_down=wd, bias=None, bias_down=None),
+        "grouped_swiglu": dict(x=x, offsets=offsets, w_gate=experts, w_up=experts, bias_gate=None, bias_up=None),
+        "grouped_swiglu_packed": dict(x=x, offsets=offsets, weight=torch.randn(2, 24, 8), bias=None),
+        "rms_norm": dict(x=x, weight=None, residual=None),
+        "rms_norm_gated": dict(x=x, z=x, weight=None),
+    }
+
+
+_LIST = [[1.0] * 8] * 3
+
+
+@pytest.mark.parametrize("fn, name, bad", [
+    (fn, name, bad) for fn, args in _public_calls().items() for name, value in args.items()
+    for bad in ([_LIST] if value is None else [None, _LIST])])  # an optional argument may be None
+def test_a_non_tensor_argument_is_a_type_error_naming_it(fn, name, bad):
+    args = _public_calls()[fn]
+    args[name] = bad
+    with pytest.raises(TypeError, match=rf"glu_fusion.{fn}: {name} must be a torch.Tensor, got "
+                                        rf"{type(bad).__name__}"):
+        getattr(glu_fusion, fn)(**args)
+
+
+@pytest.mark.parametrize("offsets", [[7, 3, 10], [-1, 3, 10], [2, 5, 11]], ids=["decreasing", "negative", "past-T"])
+@pytest.mark.parametrize("fn", ["grouped_swiglu", "grouped_swiglu_packed"])
+def test_grouped_offsets_that_are_no_cumulative_counts_are_refused(fn, offsets):
+    x, w = torch.randn(10, 8), torch.randn(3, 12, 8)
+    weights = (w, w) if fn == "grouped_swiglu" else (torch.randn(3, 24, 8),)
+    with pytest.raises(ValueError, match=r"offsets must be cumulative token counts .*at most T=10.*got \["):
+        getattr(glu_fusion, fn)(x, torch.tensor(offsets, dtype=torch.int32), *weights)
+
+
+@pytest.mark.parametrize("group_size", [4.0, "4", True])
+def test_rms_norm_gated_group_size_of_the_wrong_type_is_named(group_size):
+    x = torch.randn(3, 8)
+    with pytest.raises(TypeError, match="group_size must be an int or None"):
+        glu_fusion.rms_norm_gated(x, x, group_size=group_size)
+
+
+@pytest.mark.parametrize("group_size", [None, 4])
+def test_rms_norm_gated_with_no_features_is_empty_with_or_without_groups(group_size):
+    x, z, w = torch.randn(3, 0, requires_grad=True), torch.randn(3, 0), torch.randn(0)
+    out = glu_fusion.rms_norm_gated(x, z, w, group_size=group_size)
+    assert out.shape == (3, 0)
+    out.sum().backward()
+    assert x.grad.shape == (3, 0)
+
+
 # --- 3. NaN and Inf propagate as in eager, without interpreter warnings ----------------------------
 
 def _special_rows(m, k):

@@ -75,8 +75,21 @@ def _check_forward(x: Tensor, offsets: Tensor, w_gate: Tensor, w_up: Tensor,
     check_same("x", x, [("w_gate", w_gate), ("w_up", w_up), ("bias_gate", b_gate), ("bias_up", b_up)])
 
 
+def check_offset_values(offsets: Tensor, t: int) -> None:
+    """Offsets must be cumulative token counts: non-negative, non-decreasing, at most T.  Checked
+    only where they are on the CPU: reading CUDA offsets on the host would synchronise every call,
+    so CUDA offsets are not checked (bad ones there give wrong values, not an error)."""
+    if offsets.device.type != "cpu" or offsets.numel() == 0:
+        return
+    ends = offsets.tolist()
+    if ends[0] < 0 or ends[-1] > t or any(b < a for a, b in zip(ends, ends[1:])):
+        raise ValueError(f"glu_fusion: offsets must be cumulative token counts per expert (non-negative, "
+                         f"non-decreasing, at most T={t}), got {ends}")
+
+
 def _forward(x, offsets, w_gate, w_up, b_gate, b_up, activation, alpha, limit, save_preact):
     _check_forward(x, offsets, w_gate, w_up, b_gate, b_up, activation)
+    check_offset_values(offsets, x.shape[0])
     t, n = x.shape[0], w_gate.shape[1]
     if use_gemm_kernels(x):
         from ..kernels.grouped_gemm import grouped_swiglu_forward

@@ -506,8 +506,6 @@ def _leaves(module: nn.Module, inputs: list) -> tuple[list, list]:
 def known_missed_rewrite(c: Case) -> Optional[str]:
     """Why the pass is known to leave this positive case alone (results stay right), or None.
     Each reason has a strict-xfail test in ``test_fuzz_regressions.py`` that fails once fixed."""
-    if c.kind == "rms_norm_gated" and c.dynamic == "dynamic" and c.spelling.startswith("grouped"):
-        return "grouped gated norm under dynamic=True (every size symbolic) is not matched"
     return None
 
 
