@@ -18,8 +18,8 @@ import traceback
 
 def signature(spec, dtype):
     """Triton's signature and constexpr dicts for a Spec, in the kernel's parameter order."""
-    from triton.experimental.gluon import language as gl  # noqa: F401
-    from glu_fusion.kernels.engine.host import GL_DTYPES, _shared_layout
+    import torch
+    from glu_fusion.kernels.engine.host import _shared_layout
     fn = spec.kernel
     sig, constexprs = {}, {}
     names = fn.arg_names
@@ -27,7 +27,8 @@ def signature(spec, dtype):
     for i, name in enumerate(names):
         if name in spec.blocks:
             r, c = spec.blocks[name]
-            sig[name] = f"tensordesc<{elem}[{r}, {c}],{_shared_layout((r, c), dtype)!r}>"
+            desc_dtype, desc_elem = (torch.float32, "fp32") if name in spec.fp32_descriptors else (dtype, elem)
+            sig[name] = f"tensordesc<{desc_elem}[{r}, {c}],{_shared_layout((r, c), desc_dtype)!r}>"
         elif name in spec.constexprs:
             sig[name] = "constexpr"
             constexprs[(i,)] = spec.constexprs[name]

@@ -30,6 +30,8 @@ GEMM_CONFIGS = [
     Config(128, 128, 64, 2, pingpong=True, store_n=64, store_bufs=2),
     Config(128, 128, 64, 5),
 ]
+SPLIT_CONFIGS = [host.WEIGHT_GRAD_SPLIT, Config(128, 128, 64, 4, store_n=64)]
+SPLITS = [2, 3, 4, 6]
 SWIGLU_CONFIGS = [
     Config(128, 128, 64, 4),
     Config(128, 128, 64, 4, store_n=64, store_bufs=2),
@@ -95,12 +97,17 @@ def run_gemms(rows: list, quick: bool) -> None:
                 t_cublas = bench(lambda: torch.mm(a, b, out=out))
                 best = None
                 tried = {}
-                for cfg in GEMM_CONFIGS:
-                    t, info = try_config(lambda: host.matmul(a, b, out, cfg=cfg), lambda: relerr(out, ref),
-                                         lambda: out.fill_(float("nan")))
-                    tried[cfg.name] = round(t, 1) if t is not None else info
+                # a weight gradient (tokens as the reduction) also tries its reduction in splits
+                choices = [(cfg, 1) for cfg in GEMM_CONFIGS]
+                if "dW" in name:
+                    choices += [(cfg, s) for cfg in SPLIT_CONFIGS for s in SPLITS]
+                for cfg, splits in choices:
+                    t, info = try_config(lambda: host.matmul(a, b, out, cfg=cfg, splits=splits),
+                                         lambda: relerr(out, ref), lambda: out.fill_(float("nan")))
+                    label = cfg.name + (f"_split{splits}" if splits > 1 else "")
+                    tried[label] = round(t, 1) if t is not None else info
                     if t is not None and (best is None or t < best[0]):
-                        best = (t, cfg.name)
+                        best = (t, label)
                 flops = 2.0 * a.shape[0] * a.shape[1] * b.shape[1]
                 row = dict(kind="gemm", op=name, M=m, D=d, N=n, shape=[a.shape[0], b.shape[1], a.shape[1]],
                            cublas_us=round(t_cublas, 1), cublas_tflops=round(flops / t_cublas / 1e6, 1),

@@ -20,7 +20,10 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from .._launch import multiprocessors
 from . import kernels
 
+#: Operand dtypes the engine's wgmma reads.
 GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
+#: Every dtype a descriptor may hold: the operands', and fp32 for split partials.
+_LAYOUT_DTYPES = {**GL_DTYPES, torch.float32: gl.float32}
 
 #: Shared memory one program may use on sm_90 (bytes).
 SHARED_MEMORY_LIMIT = 232448
@@ -68,10 +71,12 @@ class Config:
 @dataclass(frozen=True)
 class Spec:
     """A launch up to its tensors: the kernel, each descriptor parameter's block shape (in the
-    order of the kernel's parameters), and the constexprs."""
+    order of the kernel's parameters), the constexprs, and the descriptors that hold fp32 (split
+    partials) rather than the operands' dtype."""
     kernel: object
     blocks: dict
     constexprs: dict
+    fp32_descriptors: tuple = ()
 
 
 # The configurations the routes pick (benchmarks/results/engine.md has the sweep behind them:
@@ -81,6 +86,9 @@ GEMM = Config(128, 256, 64, 3)
 SWIGLU_INFER = Config(128, 128, 64, 4)
 SWIGLU_TRAIN = Config(128, 128, 64, 4)
 DGATED = Config(128, 128, 64, 4)
+# A split weight gradient stores fp32 partials: 64-wide pieces keep the staging in shared memory
+# beside a 3-stage ring of 128x256 tiles.  Not measured yet: no route splits.
+WEIGHT_GRAD_SPLIT = Config(128, 256, 64, 3, store_n=64)
 
 
 def _kmajor(t: Tensor) -> bool:
@@ -88,12 +96,13 @@ def _kmajor(t: Tensor) -> bool:
     return t.stride(1) == 1
 
 
-def addressable(t: Optional[Tensor]) -> bool:
-    """Whether TMA can address a 2-D tensor: 16-bit floats, one unit stride, the other a
-    multiple of 16 bytes, a 16-byte aligned base, no empty dimension."""
+def addressable(t: Optional[Tensor], dtypes=GL_DTYPES) -> bool:
+    """Whether TMA can address a 2-D tensor of ``dtypes`` (the operands' 16-bit floats unless
+    told otherwise): one unit stride, the other a multiple of 16 bytes, a 16-byte aligned base,
+    no empty dimension."""
     if t is None:
         return True
-    if t.dim() != 2 or t.dtype not in GL_DTYPES or t.numel() == 0 or t.data_ptr() % 16:
+    if t.dim() != 2 or t.dtype not in dtypes or t.numel() == 0 or t.data_ptr() % 16:
         return False
     size = t.element_size()
     if t.stride(1) == 1:
@@ -103,7 +112,7 @@ def addressable(t: Optional[Tensor]) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _shared_layout(block: tuple, dtype: torch.dtype):
-    return gl.NVMMASharedLayout.get_default_for(list(block), GL_DTYPES[dtype])
+    return gl.NVMMASharedLayout.get_default_for(list(block), _LAYOUT_DTYPES[dtype])
 
 
 def _descriptor(t: Tensor, block: tuple) -> TensorDescriptor:
@@ -115,22 +124,24 @@ def _row_major(t: Tensor) -> Tensor:
     return t if t.stride(1) == 1 else t.t()
 
 
-def _grid(m: int, n: int, cfg: Config, device: torch.device) -> tuple:
-    tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
-    return (min(tiles, multiprocessors(device.index if device.index is not None else torch.cuda.current_device())),)
+def _grid(m: int, n: int, cfg: Config, device: torch.device, splits: int = 1) -> tuple:
+    """One persistent program per SM, or one per work unit when there are fewer."""
+    units = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n) * splits
+    return (min(units, multiprocessors(device.index if device.index is not None else torch.cuda.current_device())),)
 
 
 def _common(cfg: Config) -> dict:
     return dict(PINGPONG=cfg.pingpong, STAGES=cfg.stages, GROUP_M=cfg.group_m, CONSUMER_REGS=cfg.consumer_regs)
 
 
-def gemm_spec(cfg: Config, a_kmajor: bool, b_kmajor: bool, has_bias: bool) -> Spec:
+def gemm_spec(cfg: Config, a_kmajor: bool, b_kmajor: bool, has_bias: bool, split: bool = False) -> Spec:
+    """``split``: the output is the fp32 stack of split partials (no bias there)."""
     rows, bk, bn = cfg.consumer_rows, cfg.block_k, cfg.block_n
     blocks = dict(a_desc=(rows, bk) if a_kmajor else (bk, rows), b_desc=(bn, bk) if b_kmajor else (bk, bn),
                   c_desc=(rows, cfg.piece_n))
     return Spec(kernels.gemm_kernel, blocks,
                 dict(HAS_BIAS=has_bias, A_KMAJOR=a_kmajor, B_KMAJOR=b_kmajor, STORE_BUFS=cfg.store_bufs,
-                     **_common(cfg)))
+                     **_common(cfg)), ("c_desc",) if split else ())
 
 
 def swiglu_spec(cfg: Config, b_kmajor: bool, has_bias: bool, save_preact: bool) -> Spec:
@@ -155,7 +166,7 @@ def dgated_spec(cfg: Config, b_kmajor: bool) -> Spec:
 
 def _launch(spec: Spec, grid: tuple, descriptor_tensors: dict, scalars: tuple) -> None:
     for name, t in descriptor_tensors.items():
-        if not addressable(t):
+        if not addressable(t, _LAYOUT_DTYPES if name in spec.fp32_descriptors else GL_DTYPES):
             raise ValueError(f"glu_fusion engine: {name.removesuffix('_desc')} {tuple(t.shape)} with strides "
                              f"{t.stride()} ({t.dtype}) cannot be read by TMA: 16-bit elements, one unit stride, "
                              "the other a multiple of 16 bytes, a 16-byte aligned start")
@@ -163,15 +174,38 @@ def _launch(spec: Spec, grid: tuple, descriptor_tensors: dict, scalars: tuple) -
     spec.kernel[grid](*descs, *scalars, num_warps=_WARPS, **spec.constexprs)
 
 
-def matmul(a: Tensor, b: Tensor, out: Tensor, bias: Optional[Tensor] = None, cfg: Config = GEMM) -> None:
+def split_steps(k: int, cfg: Config, splits: int) -> int:
+    """The splits that own reduction steps when ``k`` is cut into ``splits`` (the last ones may
+    have none: ``cdiv(k_steps, splits)`` steps each)."""
+    steps = triton.cdiv(k, cfg.block_k)
+    return triton.cdiv(steps, triton.cdiv(steps, max(1, splits)))
+
+
+def matmul(a: Tensor, b: Tensor, out: Tensor, bias: Optional[Tensor] = None, cfg: Config = GEMM,
+           splits: int = 1) -> None:
     """``out[M, N] = a[M, K]·b[K, N] (+ bias[N])``; each operand is read in the orientation it
-    has in memory (``x·Wᵀ`` is ``matmul(x, W.t())``, ``dYᵀ·X`` is ``matmul(dY.t(), X)``)."""
+    has in memory (``x·Wᵀ`` is ``matmul(x, W.t())``, ``dYᵀ·X`` is ``matmul(dY.t(), X)``).
+
+    ``splits`` > 1 cuts the reduction into that many parts, each a work unit of its own (for
+    outputs whose tiles fill less than the GPU: a narrow weight gradient over many tokens); their
+    fp32 partials are summed in a fixed order by a second kernel (deterministic), no bias."""
     m, k = a.shape
     n = b.shape[1]
-    spec = gemm_spec(cfg, _kmajor(a), not _kmajor(b), bias is not None)
-    tensors = dict(a_desc=_row_major(a), b_desc=_row_major(b), c_desc=out)
+    splits = split_steps(k, cfg, splits)
+    if splits > 1 and bias is not None:
+        raise ValueError("glu_fusion engine: a split reduction takes no bias")
+    spec = gemm_spec(cfg, _kmajor(a), not _kmajor(b), bias is not None, split=splits > 1)
+    target = out
+    if splits > 1:
+        stacked_rows = triton.cdiv(m, cfg.block_m) * cfg.block_m
+        target = torch.empty((splits * stacked_rows, n), device=out.device, dtype=torch.float32)
+    tensors = dict(a_desc=_row_major(a), b_desc=_row_major(b), c_desc=target)
     bias_args = (bias, bias.stride(0)) if bias is not None else (None, 0)
-    _launch(spec, _grid(m, n, cfg, out.device), tensors, (*bias_args, m, n, k))
+    grid = _grid(m, n, cfg, out.device, splits)
+    _launch(spec, grid, tensors, (*bias_args, m, n, k, splits))
+    if splits > 1:
+        from .reduce import sum_splits
+        sum_splits(target, out, splits, stacked_rows)
 
 
 def swiglu_forward(x: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Optional[Tensor], b_up: Optional[Tensor],
@@ -212,6 +246,7 @@ def route_specs() -> list[tuple[str, Spec, torch.dtype]]:
             specs.append((f"gemm x·Wᵀ bias={has_bias} {tag}", gemm_spec(GEMM, True, True, has_bias), dtype))
         specs.append((f"gemm dY·W {tag}", gemm_spec(GEMM, True, False, False), dtype))
         specs.append((f"gemm dYᵀ·X {tag}", gemm_spec(GEMM, False, False, False), dtype))
+        specs.append((f"gemm dYᵀ·X split {tag}", gemm_spec(WEIGHT_GRAD_SPLIT, False, False, False, split=True), dtype))
         for save in (False, True):
             for has_bias in (False, True):
                 cfg = SWIGLU_TRAIN if save else SWIGLU_INFER

@@ -17,6 +17,11 @@ two consumer warpgroups run wgmma and then the epilogue, in one of two schedules
   its own, so one consumer's epilogue runs under the other's main loop (a consumer that read a
   ring shared with the other out of step could pass a wait on the wrong phase).
 
+A weight gradient ``dYᵀ·X`` whose output tiles fill less than the GPU splits its reduction (the
+tokens): work unit ``u`` is output tile ``u % tiles`` over the reduction steps of split
+``u // tiles``, and the epilogue receives the row of that split's slice of a stacked ``[splits ·
+rows, N]`` output (``splits`` is 1 otherwise; the cooperative schedule only).
+
 The epilogue is a pair of functions (``EPI_BEGIN`` before a tile's main loop, ``EPI_END`` with
 its accumulators) with the epilogue's own arguments in one tuple, so every op shares this loop.
 Layouts and integers travel through ``warp_specialize`` as ``gl.constexpr``.
@@ -41,7 +46,19 @@ def tile_coords(tile, num_pid_m, num_pid_n, GROUP_M: gl.constexpr):
 
 
 @gluon.jit
-def _loader(a_desc, b0_desc, b1_desc, a_bufs, b_bufs, ready, empty, M, N, K,
+def unit_coords(unit, num_pid_m, num_pid_n, k_tiles, splits, GROUP_M: gl.constexpr):
+    """Work unit -> (tile row, tile column, split, first and end reduction step): the splits of
+    one tile are ``tiles`` units apart, so the units running together share their k range."""
+    tiles = num_pid_m * num_pid_n
+    split = unit // tiles
+    pid_m, pid_n = tile_coords(unit % tiles, num_pid_m, num_pid_n, GROUP_M)
+    per_split = gl.cdiv(k_tiles, splits)
+    k0 = split * per_split
+    return pid_m, pid_n, split, k0, min(k0 + per_split, k_tiles)
+
+
+@gluon.jit
+def _loader(a_desc, b0_desc, b1_desc, a_bufs, b_bufs, ready, empty, M, N, K, splits,
             NB: gl.constexpr, A_KMAJOR: gl.constexpr, B_KMAJOR: gl.constexpr, PINGPONG: gl.constexpr,
             BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, GROUP_M: gl.constexpr):
     RINGS: gl.constexpr = 2 if PINGPONG else 1
@@ -54,12 +71,14 @@ def _loader(a_desc, b0_desc, b1_desc, a_bufs, b_bufs, ready, empty, M, N, K,
     num_pid_m = gl.cdiv(M, BM)
     num_pid_n = gl.cdiv(N, BN)
     k_tiles = gl.cdiv(K, BK)
-    my_tiles = gl.cdiv(num_pid_m * num_pid_n - start, nprog)
-    for t in range(my_tiles):
-        pid_m, pid_n = tile_coords(start + t * nprog, num_pid_m, num_pid_n, GROUP_M)
+    my_units = gl.cdiv(num_pid_m * num_pid_n * splits - start, nprog)
+    done = 0  # steps through the ring so far (cooperative: one ring)
+    for t in range(my_units):
+        pid_m, pid_n, split, k0, k1 = unit_coords(start + t * nprog, num_pid_m, num_pid_n, k_tiles, splits, GROUP_M)
         ring = t % RINGS
-        first = (t // RINGS) * k_tiles  # the ring's steps before this tile
-        for kk in range(k_tiles):
+        # the ring's steps before this unit (ping-pong: one split, so every tile has k_tiles)
+        first = (t // RINGS) * k_tiles if PINGPONG else done - k0
+        for kk in range(k0, k1):
             p = first + kk
             slot = ring * STAGES + p % STAGES
             mbarrier.wait(empty.index(slot), ((p // STAGES) & 1) ^ 1)
@@ -80,10 +99,11 @@ def _loader(a_desc, b0_desc, b1_desc, a_bufs, b_bufs, ready, empty, M, N, K,
                     tma.async_copy_global_to_shared(b1_desc, [pid_n * BN, kk * BK], bar, b_bufs.index(slot * NB + 1))
                 else:
                     tma.async_copy_global_to_shared(b1_desc, [kk * BK, pid_n * BN], bar, b_bufs.index(slot * NB + 1))
+        done += k1 - k0
 
 
 @gluon.jit
-def _consumer(a_bufs, b_bufs, ready, empty, M, N, K, epi, WG: gl.constexpr,
+def _consumer(a_bufs, b_bufs, ready, empty, M, N, K, splits, epi, WG: gl.constexpr,
               NB: gl.constexpr, A_KMAJOR: gl.constexpr, B_KMAJOR: gl.constexpr, PINGPONG: gl.constexpr,
               BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, GROUP_M: gl.constexpr,
               EPI_BEGIN: gl.constexpr, EPI_END: gl.constexpr):
@@ -101,19 +121,19 @@ def _consumer(a_bufs, b_bufs, ready, empty, M, N, K, epi, WG: gl.constexpr,
     num_pid_m = gl.cdiv(M, BM)
     num_pid_n = gl.cdiv(N, BN)
     k_tiles = gl.cdiv(K, BK)
-    my_tiles = gl.cdiv(num_pid_m * num_pid_n - start, nprog)
+    my_units = gl.cdiv(num_pid_m * num_pid_n * splits - start, nprog)
     c = 0  # this consumer's steps through its ring
     j = 0  # this consumer's tiles
-    for t in range(FIRST_TILE, my_tiles, TILE_STEP):
+    for t in range(FIRST_TILE, my_units, TILE_STEP):
         # fresh accumulators per tile: carried across tiles, they would stay live through the
         # epilogue beside its own temporaries (and spill there)
         acc0 = gl.zeros([SUB_M, BN], gl.float32, ACC)
         acc1 = gl.zeros([SUB_M, BN], gl.float32, ACC)
-        pid_m, pid_n = tile_coords(start + t * nprog, num_pid_m, num_pid_n, GROUP_M)
-        row = pid_m * BM + A_PART * SUB_M
+        pid_m, pid_n, split, k0, k1 = unit_coords(start + t * nprog, num_pid_m, num_pid_n, k_tiles, splits, GROUP_M)
+        row = split * (num_pid_m * BM) + pid_m * BM + A_PART * SUB_M
         col = pid_n * BN
         EPI_BEGIN(epi, row, col, j, WG)
-        for kk in range(k_tiles):
+        for kk in range(k0, k1):
             slot = RING * STAGES + c % STAGES
             mbarrier.wait(ready.index(slot), (c // STAGES) & 1)
             a = a_bufs.index(slot * A_PARTS + A_PART)
@@ -122,19 +142,19 @@ def _consumer(a_bufs, b_bufs, ready, empty, M, N, K, epi, WG: gl.constexpr,
             b0 = b_bufs.index(slot * NB)
             if B_KMAJOR:
                 b0 = b0.permute((1, 0))
-            acc0 = warpgroup_mma(a, b0, acc0, use_acc=kk > 0, is_async=True)
+            acc0 = warpgroup_mma(a, b0, acc0, use_acc=kk > k0, is_async=True)
             if NB == 2:
                 b1 = b_bufs.index(slot * NB + 1)
                 if B_KMAJOR:
                     b1 = b1.permute((1, 0))
-                acc1 = warpgroup_mma(a, b1, acc1, use_acc=kk > 0, is_async=True)
+                acc1 = warpgroup_mma(a, b1, acc1, use_acc=kk > k0, is_async=True)
                 # each wgmma is its own group: two outstanding = this step's, so the last step's are done
                 acc0, acc1 = warpgroup_mma_wait(2, deps=(acc0, acc1))
             else:
                 acc0 = warpgroup_mma_wait(1, deps=(acc0, ))
             # the previous step's wgmma has retired: its stage is free (the previous tile's last
             # stage was released after its final wait, below)
-            mbarrier.arrive(empty.index(RING * STAGES + (c + STAGES - 1) % STAGES), pred=kk > 0)
+            mbarrier.arrive(empty.index(RING * STAGES + (c + STAGES - 1) % STAGES), pred=kk > k0)
             c += 1
         if NB == 2:
             acc0, acc1 = warpgroup_mma_wait(0, deps=(acc0, acc1))
@@ -147,14 +167,15 @@ def _consumer(a_bufs, b_bufs, ready, empty, M, N, K, epi, WG: gl.constexpr,
 
 
 @gluon.jit
-def run(a_desc, b0_desc, b1_desc, M, N, K, epi,
+def run(a_desc, b0_desc, b1_desc, M, N, K, splits, epi,
         NB: gl.constexpr, A_KMAJOR: gl.constexpr, B_KMAJOR: gl.constexpr, PINGPONG: gl.constexpr,
         STAGES: gl.constexpr, GROUP_M: gl.constexpr, EPI_BEGIN: gl.constexpr, EPI_END: gl.constexpr,
         CONSUMER_REGS: gl.constexpr):
     """Allocate the ring (``rings × STAGES`` slots, each of ``CONSUMERS`` A sub-tiles, or one A
     tile in ping-pong, and ``NB`` B tiles; a ready and an empty barrier per slot) and fork the
     loader and the two consumers.  The tile shape comes from the descriptors' blocks: A's is one
-    consumer's rows.  ``K`` must be positive (callers route empty reductions elsewhere)."""
+    consumer's rows.  ``K`` must be positive (callers route empty reductions elsewhere), and
+    every one of the ``splits`` must own at least one reduction step (the host's choice)."""
     RINGS: gl.constexpr = 2 if PINGPONG else 1
     A_PARTS: gl.constexpr = 1 if PINGPONG else CONSUMERS
     SLOTS: gl.constexpr = RINGS * STAGES
@@ -175,14 +196,14 @@ def run(a_desc, b0_desc, b1_desc, M, N, K, epi,
     # constexprs keep their kind through warp_specialize only when wrapped, in tuples built in
     # the call itself (a tuple assigned to a name first turns them into tensors)
     gl.warp_specialize([
-        (_consumer, (a_bufs, b_bufs, ready, empty, M, N, K, epi, gl.constexpr(0), gl.constexpr(NB),
+        (_consumer, (a_bufs, b_bufs, ready, empty, M, N, K, splits, epi, gl.constexpr(0), gl.constexpr(NB),
                      gl.constexpr(A_KMAJOR), gl.constexpr(B_KMAJOR), gl.constexpr(PINGPONG), gl.constexpr(BM),
                      gl.constexpr(BN), gl.constexpr(BK), gl.constexpr(GROUP_M), gl.constexpr(EPI_BEGIN),
                      gl.constexpr(EPI_END))),
-        (_loader, (a_desc, b0_desc, b1_desc, a_bufs, b_bufs, ready, empty, M, N, K, gl.constexpr(NB),
+        (_loader, (a_desc, b0_desc, b1_desc, a_bufs, b_bufs, ready, empty, M, N, K, splits, gl.constexpr(NB),
                    gl.constexpr(A_KMAJOR), gl.constexpr(B_KMAJOR), gl.constexpr(PINGPONG), gl.constexpr(BM),
                    gl.constexpr(BN), gl.constexpr(BK), gl.constexpr(GROUP_M))),
-        (_consumer, (a_bufs, b_bufs, ready, empty, M, N, K, epi, gl.constexpr(1), gl.constexpr(NB),
+        (_consumer, (a_bufs, b_bufs, ready, empty, M, N, K, splits, epi, gl.constexpr(1), gl.constexpr(NB),
                      gl.constexpr(A_KMAJOR), gl.constexpr(B_KMAJOR), gl.constexpr(PINGPONG), gl.constexpr(BM),
                      gl.constexpr(BN), gl.constexpr(BK), gl.constexpr(GROUP_M), gl.constexpr(EPI_BEGIN),
                      gl.constexpr(EPI_END))),
