@@ -80,8 +80,7 @@ def _errors(x, z, w, dy, kw, spelling, y, grads):
 @pytest.mark.parametrize("d", DIMS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_against_float64_and_eager(dtype, d, rows):
-    if dtype == torch.float32 and rows * d > (1 << 30):
-        pytest.skip("fp32 at 2^31 elements needs more device memory than the test budget")
+    # fp32 at 524288 x 4096 (2^31 elements, 8 GiB a tensor) holds about 50 GiB: an H200 has room
     variant = "hf_qwen3_next" if dtype == torch.bfloat16 else "fp32"
     check(dtype, d, rows, variant)
 
