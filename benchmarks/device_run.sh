@@ -7,7 +7,9 @@
 #   bash benchmarks/device_run.sh cpu     the CPU suite on this machine's torch (graph snapshots on 2.11)
 #   bash benchmarks/device_run.sh graphs  the graph-snapshot, post-grad pass and op tests alone on this machine's torch
 #   bash benchmarks/device_run.sh swiglu  SwiGLU benchmark (--quick with a second argument "quick")
-#   bash benchmarks/device_run.sh norm    gated RMSNorm benchmark
+#   bash benchmarks/device_run.sh norm    gated RMSNorm benchmark (bench_norms.py --family gated, ~3.5 min budget)
+#   bash benchmarks/device_run.sh norms   every norm spelling (gated, Llama and Gemma residual + RMSNorm) in one
+#                                         call: bench_norms.py --quick, stops taking shapes at 390 s (~7 min in all)
 #   bash benchmarks/device_run.sh e2e     end-to-end training step
 #   bash benchmarks/device_run.sh host    host time per call at tiny sizes (layers, ops, compiled, profiles)
 #   bash benchmarks/device_run.sh paired  small shapes, ours against Inductor, variants interleaved (~4 min)
@@ -19,7 +21,7 @@
 #                                         of shared/anchors when a copy sits in .anchors/ (~6 min)
 #   bash benchmarks/device_run.sh blocktests  GPU tests of the MLP-block ops alone
 #   bash benchmarks/device_run.sh moe     expert-block benchmark (--quick with "quick")
-#   bash benchmarks/device_run.sh rmsnorm residual + RMSNorm benchmark
+#   bash benchmarks/device_run.sh rmsnorm residual + RMSNorm benchmark (bench_norms.py --family llama,gemma)
 #   bash benchmarks/device_run.sh hf      training steps of transformers models (MODELS= to choose)
 #   bash benchmarks/device_run.sh dist    FSDP2 and DDP on two GPUs (torchrun; DIST_BACKENDS to choose)
 #   bash benchmarks/device_run.sh multigpu  the two-GPU tests
@@ -58,7 +60,10 @@ for stage in $stages; do
     graphs) python3 -m pytest -q -m "not gpu" tests/test_pass_snapshots.py tests/test_saved_preact.py \
               tests/test_graph_ops.py tests/test_swiglu_ops.py -p no:cacheprovider 2>&1 | tee "$OUT/graph_tests.log" | tail -15 ;;
     swiglu) python3 benchmarks/bench_swiglu.py $quick --json "$OUT/swiglu.json" --md "$OUT/swiglu.md" 2>/tmp/swiglu.err || tail -20 /tmp/swiglu.err ;;
-    norm) python3 benchmarks/bench_rms_norm_gated.py $quick --json "$OUT/norm.json" --md "$OUT/norm.md" 2>/tmp/norm.err || tail -20 /tmp/norm.err ;;
+    norm) python3 benchmarks/bench_norms.py --family gated $quick --budget-s 200 --json "$OUT/norm.json" --md "$OUT/norm.md" \
+            2>/tmp/norm.err || tail -20 /tmp/norm.err ;;
+    norms) python3 benchmarks/bench_norms.py --quick --budget-s 390 --json "$OUT/norms.json" --md "$OUT/norms.md" \
+             2>/tmp/norms.err || tail -30 /tmp/norms.err ;;
     plots) python3 benchmarks/plot.py --swiglu "$OUT/swiglu.json" --norm "$OUT/norm.json" --block "$OUT/mlp_block.json" --out "$OUT" ;;
     paired) python3 benchmarks/paired.py --json "$OUT/paired.json" --md "$OUT/paired.md" 2>/tmp/paired.err || tail -20 /tmp/paired.err ;;
     host) python3 benchmarks/host_overhead.py 2>&1 | tee "$OUT/host_overhead.txt" | tail -120 ;;
@@ -74,7 +79,8 @@ for stage in $stages; do
     gemm) python3 benchmarks/bench_gemm_kernels.py --json /tmp/gemm_kernels.json --md "$OUT/gemm_kernels.md" 2>/tmp/gemm.err || tail -30 /tmp/gemm.err ;;
     multigpu) NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 python3 -m pytest -q -m multigpu \
                tests/test_distributed.py -rfs --tb=line -p no:logging -p no:cacheprovider 2>&1 | tail -15 ;;
-    rmsnorm) python3 benchmarks/bench_rms_norm.py --json "$OUT/rms_norm.json" --md "$OUT/rms_norm.md" 2>/tmp/rmsnorm.err || tail -30 /tmp/rmsnorm.err ;;
+    rmsnorm) python3 benchmarks/bench_norms.py --family llama,gemma $quick --json "$OUT/rms_norm.json" --md "$OUT/rms_norm.md" \
+               2>/tmp/rmsnorm.err || tail -30 /tmp/rmsnorm.err ;;
     moe) python3 benchmarks/bench_moe.py $quick --json "$OUT/moe.json" --md "$OUT/moe.md" 2>/tmp/moe.err || tail -30 /tmp/moe.err ;;
     hf) python3 benchmarks/bench_hf.py --models "${MODELS:-llama,qwen3,qwen3_0p6b,qwen3_moe}" --json "$OUT/hf${TAG:-}.json" \
           --md "$OUT/hf${TAG:-}.md" 2>&1 | grep -v Warning | tail -40 ;;

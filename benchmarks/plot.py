@@ -46,6 +46,21 @@ def plot_family(path: str, out: str, png: str, title: str, label, ours: str) -> 
     fig.savefig(os.path.join(out, png), dpi=110)
 
 
+def plot_norms(path: str, out: str) -> None:
+    """bench_norms.py's rows: our GPU time with CUDA graphs over Inductor's, forward and
+    forward+backward, and the copy floor's, one bar group per (family, shape)."""
+    data = json.load(open(path))
+    rows, env = data["rows"], data["env"]
+    series = {f"ours {ph}": [r[f"ours_{ph}"]["graph_ms"] / r[f"inductor_{ph}"]["graph_ms"] for r in rows]
+              for ph in ("fwd", "fwdbwd")}
+    series["copy fwd"] = [r["copy_fwd"]["graph_ms"] / r["inductor_fwd"]["graph_ms"] for r in rows]
+    fig, ax = plt.subplots(figsize=(12, 4.5))
+    _bars(ax, [f"{r['family']} {'x'.join(map(str, r['shape']))}" for r in rows], series,
+          f"Norms bf16 (GPU time, CUDA graphs), {env['device']}, torch {env['torch']}, {env['date']}")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "rms_norm_gated.png"), dpi=110)
+
+
 def plot_block(path: str, out: str) -> None:
     """MLP block: the default path, the SwiGLU-only rewrite and the fused backward GEMM, GPU time
     over Inductor's, forward and forward+backward."""
@@ -78,8 +93,7 @@ def main(argv=None) -> int:
         plot_family(args.swiglu, args.out, "swiglu.png", "SwiGLU (ours = pass + ops)",
                     lambda r: f"{r['K']}→{r['N']} M={r['M']}", "ours_backend")
     if args.norm:
-        plot_family(args.norm, args.out, "rms_norm_gated.png", "Gated RMSNorm (ours = pass + op)",
-                    lambda r: f"D={r['D']} rows={r['rows']}", "ours_backend")
+        plot_norms(args.norm, args.out)
     if args.block:
         plot_block(args.block, args.out)
     return 0

@@ -184,7 +184,7 @@ def _group_size(group_size: Any) -> Optional[int]:
         raise TypeError(f"glu_fusion.rms_norm_gated: group_size must be an int or None, got "
                         f"{type(group_size).__name__} {group_size!r}")
     if group_size <= 0:
-        raise ValueError(f"glu_fusion.rms_norm_gated: group_size must be positive, got {group_size}")
+        raise ValueError(f"glu_fusion.rms_norm_gated: group_size={group_size} must be positive")
     return int(group_size)
 
 

@@ -20,7 +20,7 @@ Adding a family is one line: import its module and append its ``FAMILY`` to ``FA
 """
 from __future__ import annotations
 
-from . import _common, experts, rms_norm, rms_norm_gated, swiglu
+from . import _common, experts, rms_norm, rms_norm_gated, routing, swiglu
 from ._common import Family
 
 __all__ = ["FAMILIES", "Family", "register_all", "source_files"]
@@ -41,8 +41,8 @@ def register_all(pass_) -> None:
 
 
 def source_files() -> tuple[str, ...]:
-    """The files whose text decides what the families rewrite."""
-    files = [__file__, _common.__file__]
+    """The files whose text decides what the families rewrite (the routing table included)."""
+    files = [__file__, _common.__file__, routing.__file__]
     for family in FAMILIES:
         files.extend(family.sources)
     return tuple(files)

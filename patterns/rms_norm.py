@@ -39,7 +39,7 @@ _FP32 = torch.float32
 # --- where the rewrite pays ------------------------------------------------------------------------
 
 #: Device types where the plain norm is rewritten: only where our kernels were measured faster
-#: than Inductor's generated norm kernel (benchmarks/bench_rms_norm.py; benchmarks/NOTES.md,
+#: than Inductor's generated norm kernel (benchmarks/bench_norms.py; benchmarks/NOTES.md,
 #: "RMSNorm").  Empty by default: a rewrite that is not measured faster is left to Inductor.
 #: Tests and the benchmark set it (it is part of the pass's cache key).
 REWRITE_DEVICE_TYPES: tuple[str, ...] = ()

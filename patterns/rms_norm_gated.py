@@ -15,6 +15,10 @@ The casts found decide the op's rounding flags, so the fused op computes what th
 did within one rounding step.  Left alone: a mean-free (``sum``: L2) norm, a norm in low
 precision, a norm with no gate, a site whose intermediate has another user, anything whose
 output dtype is not x's, and mutations inside the span.
+
+A site found is rewritten only where the measured routing table says it pays
+(:func:`~glu_fusion.patterns.routing.gated_norm_rewrite_pays`: CUDA training graphs are left to
+Inductor); a site it declines is listed in the report as "left to Inductor", with the measurement.
 """
 from __future__ import annotations
 
@@ -28,10 +32,12 @@ from torch import fx
 from torch._inductor.pattern_matcher import CallFunction, CallMethod, KeywordArg, Match, register_graph_pattern
 
 from glu_fusion import config
-from glu_fusion.compile.report import REPORT, Rewrite
+from glu_fusion.compile.report import REPORT, Leftover, Rewrite
 
-from ._common import (REWRITE_DTYPES, Family, constant_size, copy_meta, erase_dead, fake, ordered_pure_span,
-                      same_size, shape_str, single_value_user, site_resolves, source_line, value_users)
+from ._common import (REWRITE_DTYPES, Family, constant_size, copy_meta, erase_dead, fake, module_path,
+                      ordered_pure_span, same_size, shape_str, single_value_user, site_resolves, source_line,
+                      value_users)
+from .routing import gated_norm_rewrite_pays
 
 NAME = "rms_norm_gated"
 _FP32 = torch.float32
@@ -423,7 +429,19 @@ def _resolve(match: Match, kind: str) -> Optional[_Site]:
     if ordered is None:
         return None
     site.nodes = ordered
+    reason = _left_to_inductor(site)
+    if reason is not None:
+        REPORT.consider_left(match.output_node(), Leftover(NAME, f"left to Inductor: {reason}",
+                                                           source_line(site.out), module_path(site.out)))
+        return None
     return site
+
+
+def _left_to_inductor(site: _Site) -> Optional[str]:
+    """Why the routing table sends this site to Inductor, or None.  A graph whose output
+    requires grad (or whose traced value is unknown) counts as a training graph."""
+    tx, traced = fake(site.x), fake(site.out)
+    return gated_norm_rewrite_pays(tx.device.type, traced is None or traced.requires_grad)
 
 
 def _check(match: Match, kind: str) -> bool:

@@ -60,3 +60,82 @@ def test_pass_leaves_a_routed_site_untouched(routed, cpu_rewrites, dynamo_graph,
     GluPass()(gm.graph)
     assert [n.target for n in gm.graph.nodes] == before
     assert not cpu_rewrites.rewrites
+
+
+# --- the gated RMSNorm rows of the table ----------------------------------------------------------
+
+GATED_OP = torch.ops.glu_fusion.rms_norm_gated.default
+
+
+def test_gated_norm_cuda_training_is_left_and_inference_rewritten(routed):
+    assert "0.88x" in routing.gated_norm_rewrite_pays("cuda", training=True)
+    assert routing.gated_norm_rewrite_pays("cuda", training=False) is None
+    assert routing.gated_norm_rewrite_pays("cpu", training=True) is None
+
+
+def test_gated_norm_switch_off_rewrites_every_site(monkeypatch):
+    monkeypatch.setattr(routing, "ROUTE_BY_MEASUREMENT", False)
+    assert routing.gated_norm_rewrite_pays("cuda", training=True) is None
+
+
+class GatedNorm(nn.Module):
+    """Qwen3-Next's RMSNormGated: norm, weight, then the silu gate in fp32."""
+
+    def __init__(self, d=32, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(1 + 0.1 * torch.randn(d))
+        self.eps = eps
+
+    def forward(self, x, z):
+        dtype = x.dtype
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        h = self.weight * h.to(dtype)
+        return (h * F.silu(z.to(torch.float32))).to(dtype)
+
+
+@pytest.fixture
+def as_if_cuda(routed, monkeypatch):
+    """The real table, asked as if the graph's tensors lived on CUDA (this machine has none)."""
+    from glu_fusion.patterns import rms_norm_gated as gated_patterns
+    real = routing.gated_norm_rewrite_pays
+    monkeypatch.setattr(gated_patterns, "gated_norm_rewrite_pays", lambda device_type, training: real("cuda", training))
+
+
+def _gated_graph(dynamo_graph, training):
+    model = GatedNorm().bfloat16().requires_grad_(training)
+    x, z = torch.randn(2, 3, 32).bfloat16(), torch.randn(2, 3, 32).bfloat16()
+    with torch.set_grad_enabled(training):
+        return dynamo_graph(model, x.requires_grad_(training), z.requires_grad_(training))
+
+
+def test_default_leaves_a_cuda_training_gated_norm_to_inductor(as_if_cuda, cpu_rewrites, dynamo_graph):
+    gm = _gated_graph(dynamo_graph, training=True)
+    before = [n.target for n in gm.graph.nodes]
+    GluPass()(gm.graph)
+    assert [n.target for n in gm.graph.nodes] == before
+    (record,) = cpu_rewrites.graphs
+    assert record.rewrites == []
+    [left] = record.left
+    assert left.family == "rms_norm_gated"
+    assert left.reason.startswith("left to Inductor: CUDA training graph: forward+backward measured 0.88x")
+    assert left.source and "test_routing.py" in left.source
+    assert "rms_norm_gated-like site left: left to Inductor" in str(cpu_rewrites)
+
+
+def test_default_rewrites_a_cuda_inference_gated_norm(as_if_cuda, cpu_rewrites, dynamo_graph):
+    gm = _gated_graph(dynamo_graph, training=False)
+    GluPass()(gm.graph)
+    gm.graph.lint()
+    assert [n for n in gm.graph.nodes if n.op == "call_function" and n.target is GATED_OP]
+    assert cpu_rewrites.counts() == {"rms_norm_gated": 1} and cpu_rewrites.left == []
+
+
+def test_training_gated_norm_left_to_inductor_still_computes_the_same(as_if_cuda, cpu_rewrites):
+    """End to end: the site left to Inductor compiles and trains as eager does."""
+    model = GatedNorm().bfloat16()
+    x = torch.randn(2, 3, 32).bfloat16().requires_grad_()
+    z = torch.randn(2, 3, 32).bfloat16().requires_grad_()
+    got = torch.compile(model, backend=glu_fusion.backend)(x, z)
+    assert cpu_rewrites.total == 0 and len(cpu_rewrites.left) == 1
+    torch.testing.assert_close(got, model(x, z))

@@ -51,7 +51,7 @@ DOWNCASTS = ("none", "before_weight", "after_weight")
 _MAX_KERNEL_D = 32768  # mirrors kernels.rms_norm.MAX_D, without importing Triton
 
 #: Calls with at most this many rows take the one-row-per-program launch.  Unmeasured on the
-#: GPU: engines switch between 1 and 64 rows; set from benchmarks/bench_rms_norm.py.
+#: GPU: engines switch between 1 and 64 rows; set from benchmarks/bench_norms.py.
 DECODE_MAX_ROWS = 64
 
 
