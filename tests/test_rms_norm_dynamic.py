@@ -15,7 +15,7 @@ import glu_fusion
 import glu_fusion.patterns.rms_norm as family
 from glu_fusion.compile.pre_grad import GluPass
 
-from helpers.rms_norm_cases import gemma, hf_llama, rel_error, rms_norm_fn
+from helpers.rms_norm_cases import LOOKALIKES, gemma, hf_llama, rel_error, rms_norm_fn
 from helpers.norm_cases import TOLERANCE
 
 OP = torch.ops.glu_fusion.rms_norm.default
@@ -97,40 +97,13 @@ def test_each_spelling_rewritten_with_symbolic_sizes(name, norm_rewrites, dynamo
 
 # --- what stays, with symbolic sizes ----------------------------------------------------------------
 
-def _layer_norm(x, r, w):
-    return F.layer_norm(x + r, (x.shape[-1],), w, None, EPS)
-
-
-def _manual_layer_norm(x, r, w):
-    h = (x + r).float()
-    c = h - h.mean(-1, keepdim=True)
-    return (c * torch.rsqrt(c.pow(2).mean(-1, keepdim=True) + EPS) * w).to(x.dtype)
-
-
-def _l2_norm(x, r, w):
-    h = (x + r).float()
-    return (h * torch.rsqrt(h.pow(2).sum(-1, keepdim=True) + EPS) * w).to(x.dtype)
-
-
-def _normed_reused(x, r, w):
-    h = (x + r).float()
-    n = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + EPS)
-    return (n * w).to(x.dtype), n.sum()
-
-
-def _low_precision(x, r, w):
-    h = x + r
-    return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + EPS) * w
-
-
 def _first_dim_mean(x, r, w):
     """Statistics over the rows, not the width: not a norm over the last dimension."""
     h = (x + r).float()
     return (w * (h * torch.rsqrt(h.pow(2).mean(0, keepdim=True) + EPS)).to(x.dtype))
 
 
-@pytest.mark.parametrize("fn", [_layer_norm, _manual_layer_norm, _l2_norm, _normed_reused, _low_precision,
-                                _first_dim_mean], ids=lambda f: f.__name__)
+@pytest.mark.parametrize("fn", [*LOOKALIKES, _first_dim_mean], ids=lambda f: f.__name__)
 def test_look_alikes_left_alone(fn, norm_rewrites, dynamo_graph):
     gm = dynamo_graph(fn, *_leaves(4, 32, torch.bfloat16, False, seed=0), dynamic=True)
     before = len(gm.graph.nodes)

@@ -14,6 +14,8 @@ import glu_fusion
 import glu_fusion.patterns.rms_norm as family
 from glu_fusion.compile.pre_grad import GluPass
 
+from helpers.rms_norm_cases import LOOKALIKES
+
 OP = torch.ops.glu_fusion.rms_norm.default
 GATED = torch.ops.glu_fusion.rms_norm_gated.default
 EPS = 1e-6
@@ -170,38 +172,12 @@ def test_gated_norm_stays_with_the_gated_family(norm_rewrites, dynamo_graph):
 
 # --- look-alikes ------------------------------------------------------------------------------------
 
-def _layer_norm(x, r, w):
-    return F.layer_norm(x + r, (D,), w, None, EPS)
-
-
-def _manual_layer_norm(x, r, w):
-    h = (x + r).float()
-    c = h - h.mean(-1, keepdim=True)
-    return (c * torch.rsqrt(c.pow(2).mean(-1, keepdim=True) + EPS) * w).to(x.dtype)
-
-
-def _l2_norm(x, r, w):
-    h = (x + r).float()
-    return (h * torch.rsqrt(h.pow(2).sum(-1, keepdim=True) + EPS) * w).to(x.dtype)
-
-
-def _normed_reused(x, r, w):
-    h = (x + r).float()
-    n = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + EPS)
-    return (n * w).to(x.dtype), n.sum()
-
-
-def _low_precision(x, r, w):
-    h = x + r
-    return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + EPS) * w
-
-
 def _broadcast_add(x, r, w):
     """The norm's input is a bias add (broadcast), not a residual: the add stays outside."""
     return hf_llama(x + r[0, 0], w)
 
 
-NEGATIVES = [_layer_norm, _manual_layer_norm, _l2_norm, _normed_reused, _low_precision]
+NEGATIVES = LOOKALIKES
 
 
 @pytest.mark.parametrize("fn", NEGATIVES, ids=lambda f: f.__name__)

@@ -83,3 +83,34 @@ SPELLINGS = [
     Spelling("gemma", gemma, dict(weight_offset=1.0, downcast="none")),
     Spelling("rms_norm_fn", rms_norm_fn, dict(downcast="after_weight")),
 ]
+
+
+# --- look-alikes: norms the residual + RMSNorm family must leave alone -----------------------------
+
+def layer_norm(x, r, w):
+    return F.layer_norm(x + r, (x.shape[-1],), w, None, EPS)
+
+
+def manual_layer_norm(x, r, w):
+    h = (x + r).float()
+    c = h - h.mean(-1, keepdim=True)
+    return (c * torch.rsqrt(c.pow(2).mean(-1, keepdim=True) + EPS) * w).to(x.dtype)
+
+
+def l2_norm(x, r, w):
+    h = (x + r).float()
+    return (h * torch.rsqrt(h.pow(2).sum(-1, keepdim=True) + EPS) * w).to(x.dtype)
+
+
+def normed_reused(x, r, w):
+    h = (x + r).float()
+    n = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + EPS)
+    return (n * w).to(x.dtype), n.sum()
+
+
+def low_precision(x, r, w):
+    h = x + r
+    return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + EPS) * w
+
+
+LOOKALIKES = [layer_norm, manual_layer_norm, l2_norm, normed_reused, low_precision]
