@@ -47,6 +47,11 @@ def family_counts(op_calls: dict[str, int]) -> dict[str, int]:
     return dict(sites)
 
 
+def _where(module: Optional[str], source: Optional[str]) -> str:
+    """`` in <module>  at <file:line  code>``, each part where known."""
+    return (f" in {module}" if module else "") + (f"  at {source}" if source else "")
+
+
 @dataclasses.dataclass(frozen=True)
 class Rewrite:
     """One fused site.
@@ -65,9 +70,7 @@ class Rewrite:
     module: Optional[str] = None
 
     def line(self) -> str:
-        where = f" in {self.module}" if self.module else ""
-        where += f"  at {self.source}" if self.source else ""
-        return f"{self.family}: {self.spelling} {' '.join(self.shapes)} {self.dtype}{where}"
+        return f"{self.family}: {self.spelling} {' '.join(self.shapes)} {self.dtype}{_where(self.module, self.source)}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,9 +88,7 @@ class Leftover:
     module: Optional[str] = None
 
     def line(self) -> str:
-        where = f" in {self.module}" if self.module else ""
-        where += f"  at {self.source}" if self.source else ""
-        return f"{self.family}-like site left: {self.reason}{where}"
+        return f"{self.family}-like site left: {self.reason}{_where(self.module, self.source)}"
 
 
 @dataclasses.dataclass
