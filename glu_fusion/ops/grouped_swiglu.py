@@ -33,7 +33,7 @@ from torch import Tensor
 
 from .. import grouped_reference
 from ..layouts import CONCAT_GATE_FIRST
-from ..weight_grad_store import accumulate_into_grad, active_store, deferrable
+from ..weight_grad_store import active_store, deferrable
 from .autocast import register_autocast_follow
 from .dispatch import allow_tf32, check_same, empty_like_nothing, register_cuda_fast_path, use_gemm_kernels
 from .graph_twins import register_graph_twins
@@ -232,6 +232,22 @@ def _setup(ctx, x, offsets, weights, biases, activation, alpha, limit, save_prea
     ctx.weight_targets = weights
 
 
+def _deferred_weight_grad(dh: Tensor, x: Tensor, offsets: Tensor, layout: int,
+                          dtype: Optional[torch.dtype]) -> Tensor:
+    """The packed weight gradient ``[E, 2N, K]`` of a deferred computation: in x's dtype, or in
+    ``dtype`` (a store's wider accumulate dtype) without rounding to x's dtype on the way: the
+    Triton kernel writes its fp32 accumulator as it is; elsewhere dH and x are upcast first (a
+    product of two bf16/fp16 values is exact in fp32) and the GEMM runs in ``dtype``."""
+    if dtype is None or dtype == x.dtype:
+        return torch.ops.glu_fusion.grouped_swiglu_dw(dh, x, offsets, layout, True, False)[0]
+    if dtype == torch.float32 and use_gemm_kernels(x):
+        from ..kernels.grouped_gemm import grouped_weight_grad
+        dweight = x.new_empty((offsets.shape[0], dh.shape[1], x.shape[1]), dtype=dtype)
+        grouped_weight_grad(dh, x, offsets, *expert_views(dweight, layout), None, None, allow_tf32())
+        return dweight
+    return torch.ops.glu_fusion.grouped_swiglu_dw(dh.to(dtype), x.to(dtype), offsets, layout, True, False)[0]
+
+
 def _weight_and_bias_grads(ctx, dh, x, offsets, need_w, need_b):
     """``(dweight, dbias)`` packed ``[E, 2N, K]`` / ``[E, 2N]`` (or Nones); with a
     ``WeightGradStore`` entered, dweight is None and its computation is queued instead."""
@@ -240,14 +256,15 @@ def _weight_and_bias_grads(ctx, dh, x, offsets, need_w, need_b):
     if store is not None and deferrable(*[t for t in targets if t.requires_grad]):
         layout, n_weights = ctx.layout, ctx.n_weights
         dbias = torch.ops.glu_fusion.grouped_swiglu_dw(dh, x, offsets, layout, False, True)[1] if need_b else None
+        dtype = store.sum_dtype(x)
 
         def compute_weight_grad() -> None:
             with torch.no_grad():
-                dweight = torch.ops.glu_fusion.grouped_swiglu_dw(dh, x, offsets, layout, True, False)[0]
+                dweight = _deferred_weight_grad(dh, x, offsets, layout, dtype)
                 parts = (dweight,) if n_weights == 1 else expert_views(dweight, layout)
                 for target, grad in zip(targets, parts):
                     if target.requires_grad:
-                        accumulate_into_grad(target, grad)
+                        store.accumulate(target, grad)
 
         store.put(compute_weight_grad)
         return None, dbias
