@@ -114,16 +114,22 @@ def _other_activations(gate: KeywordArg) -> list[tuple[str, object]]:
 
 
 def _anchor_patterns() -> list[tuple[str, object]]:
-    """``act(gate) * up`` and ``up * act(gate)`` for every activation spelling, then the
-    report-only anchors (forms starting with ``_REPORT_ONLY``)."""
+    """``act(gate) * up`` and ``up * act(gate)`` for every spelling of silu: the products the
+    ops compute (the expert family anchors on these too)."""
     gate, up = KeywordArg("gate"), KeywordArg("up")
     out = []
     for act_name, act in _activations(gate):
         out += [(f"{act_name}*u", p) for p in _products(act, up)]
         out += [(f"u*{act_name}", p) for p in _products(up, act)]
-    for act_name, act in _other_activations(gate):
-        out += [(_REPORT_ONLY + act_name, p) for p in _products(act, up) + _products(up, act)]
     return out
+
+
+def _report_only_patterns() -> list[tuple[str, object]]:
+    """The same products with an activation the ops do not compute (forms starting with
+    ``_REPORT_ONLY``): matched only to be reported, never rewritten."""
+    gate, up = KeywordArg("gate"), KeywordArg("up")
+    return [(_REPORT_ONLY + act_name, p) for act_name, act in _other_activations(gate)
+            for p in _products(act, up) + _products(up, act)]
 
 
 def _linear_patterns() -> list:
@@ -682,7 +688,7 @@ def _rewrite(match: Match, form: str) -> None:
 
 def register(pass_) -> None:
     """Add the anchor patterns to an Inductor ``PatternMatcherPass``."""
-    for form, pattern in _anchor_patterns():
+    for form, pattern in [*_anchor_patterns(), *_report_only_patterns()]:
         register_graph_pattern(pattern, extra_check=lambda m, f=form: _check(m, f),
                                pass_dict=pass_)(lambda m, *a, f=form, **k: _rewrite(m, f))
 
