@@ -6,7 +6,12 @@ Spellings (``mm`` is ``torch._grouped_mm`` / ``F.grouped_mm`` with ``offs=`` cum
 the weight operand ``b`` is ``[E, K, N]``, often ``w.transpose(-2, -1)`` of a ``[E, N, K]``
 parameter, and is read in place through a transposed view):
 
-* torchtitan: ``silu(mm(x, w1ᵀ, offs)) * mm(x, w3ᵀ, offs)``;
+* torchtitan: ``silu(mm(x, w1ᵀ, offs)) * mm(x, w3ᵀ, offs)``, also with ``x.bfloat16()`` cast once
+  per GEMM and ``w.bfloat16()`` weights (0.2.2's ``_run_experts_grouped_mm``);
+* transformers 5.x ``@use_experts_implementation`` with ``grouped_mm``: ``mm(x.to(dt), W_gate_upᵀ,
+  offs)`` then ``masked_fill(sentinel_mask, 0)`` of whole rows, then ``chunk(2)``; the mask is
+  applied again to the op's output.  Under ``torch.compile`` weights other than bf16 trace to
+  ``transformers::grouped_mm_fallback``, which counts as the grouped GEMM;
 * packed: ``mm(x, w13ᵀ, offs)`` then ``chunk``/``split``/interleaved ``[..., ::2]`` slices;
 * gpt-oss's gate on either: ``g = g.clamp(max=L); u = u.clamp(-L, L);
   (u + 1) * (g * sigmoid(g * alpha))``.
@@ -14,8 +19,10 @@ parameter, and is read in place through a transposed view):
 Left alone: other activations, gpt-oss-like clamps whose limits disagree, a product with
 anything else inside (routing weights multiplied into ``up``), grouped GEMMs with a bias or an
 ``out_dtype``, different offsets or inputs for the two projections, intermediates with other
-users.  A per-expert Python loop traces to data-dependent shapes (one graph per routing, or a
-graph break on ``.tolist()``) and is not matched.
+users, a row fill other than zero.  gpt-oss through transformers adds its per-row gathered bias
+in place (``out.add_(bias[expert_ids])``) and is not matched.  A per-expert Python loop traces
+to data-dependent shapes (one graph per routing, or a graph break on ``.tolist()``) and is not matched; the report lists such sites under this family
+(``swiglu.PER_EXPERT_LOOP``).
 """
 from __future__ import annotations
 
@@ -33,7 +40,7 @@ from glu_fusion.compile.report import REPORT, Rewrite
 
 from ._common import (Family, common_tensor_kind, copy_meta, declared_kwargs_only, fake, module_path,
                       ordered_pure_span, same_shape, same_size, shape_str, site_resolves, source_line)
-from .swiglu import _anchor_patterns, _halves_of_slices, _halves_of_split, _products
+from .swiglu import _REPORT_ONLY, _anchor_patterns, _halves_of_slices, _halves_of_split, _products
 
 aten = torch.ops.aten
 NAME = "experts"
@@ -73,9 +80,24 @@ class _GroupedMM:
     offs: fx.Node
 
 
+#: transformers' ``grouped_mm_fallback(input, weight, offs)`` (``integrations/moe.py``): the
+#: grouped GEMM it traces under ``torch.compile`` for weights other than bf16, a custom op looping
+#: over experts with the same result (rows from ``offs[-1]`` on are zeros).  Known by name:
+#: transformers is not a dependency and may be imported after this module.
+_FALLBACK_OPS = frozenset({"transformers::grouped_mm_fallback"})
+
+
+def _is_grouped_mm_target(target) -> bool:
+    if target in _GROUPED_MM:
+        return True
+    if isinstance(target, torch._ops.OpOverload):
+        return target.name() in _FALLBACK_OPS
+    return isinstance(target, torch._ops.OpOverloadPacket) and target._qualified_op_name in _FALLBACK_OPS
+
+
 def _grouped_mm(node: object) -> Optional[_GroupedMM]:
     """``mm(x, b, offs=offs)`` with no bias, scale or output dtype, x 2-D and b 3-D."""
-    if not isinstance(node, fx.Node) or node.op != "call_function" or node.target not in _GROUPED_MM:
+    if not isinstance(node, fx.Node) or node.op != "call_function" or not _is_grouped_mm_target(node.target):
         return None
     args, kwargs = list(node.args), dict(node.kwargs)
     if len(args) < 2 or len(args) > 3:
@@ -108,29 +130,89 @@ class _Site:
     weights: tuple[fx.Node, ...]      # each [E, K, N'] (the grouped GEMM's operand)
     layout: Optional[int]             # packed layout; None for two weights
     nodes: list[fx.Node]
+    row_mask: Optional[fx.Node] = None   # [T, 1] bool: rows zeroed after the GEMM (and after the op)
+    spare_casts: tuple[fx.Node, ...] = ()   # a second cast of x that only the up GEMM read
+
+
+_CASTS = {"bfloat16": torch.bfloat16, "half": torch.float16, "float": torch.float32, "double": torch.float64}
+
+
+def _cast(node: fx.Node) -> Optional[tuple[fx.Node, torch.dtype]]:
+    """(source, dtype) of ``t.bfloat16()`` / ``t.float()`` / ``t.to(dtype)``; None otherwise."""
+    if node.op != "call_method" or node.kwargs or not isinstance(node.args[0], fx.Node):
+        return None
+    if node.target in _CASTS and len(node.args) == 1:
+        return node.args[0], _CASTS[node.target]
+    if node.target == "to" and len(node.args) == 2 and isinstance(node.args[1], torch.dtype):
+        return node.args[0], node.args[1]
+    return None
+
+
+def _same_input(a: fx.Node, b: fx.Node) -> bool:
+    """``a`` is ``b``, or both cast one tensor to one dtype (torchtitan casts ``x.bfloat16()`` once
+    per GEMM); with nothing that may mutate state between the two casts."""
+    if a is b:
+        return True
+    ca, cb = _cast(a), _cast(b)
+    if ca is None or cb is None or ca[0] is not cb[0] or ca[1] != cb[1]:
+        return False
+    return ordered_pure_span([a], b) is not None or ordered_pure_span([b], a) is not None
+
+
+def _zero_row_mask(node: fx.Node) -> Optional[tuple[fx.Node, fx.Node]]:
+    """(source, mask) of ``source.masked_fill(mask, 0)`` with a ``[T, 1]`` bool mask: whole rows
+    set to zero, as transformers zeroes the rows of tokens routed to no local expert."""
+    if node.op == "call_method" and node.target == "masked_fill":
+        pass
+    elif not (node.op == "call_function" and node.target in (torch.masked_fill, aten.masked_fill.Scalar)):
+        return None
+    if node.kwargs or len(node.args) != 3:
+        return None
+    source, mask, value = node.args
+    if not isinstance(source, fx.Node) or not isinstance(mask, fx.Node) or _number(value) != 0.0:
+        return None
+    ts, tm = fake(source), fake(mask)
+    if ts is None or tm is None or tm.dtype != torch.bool or ts.dim() != 2 or tm.dim() != 2 \
+            or not same_size(tm.shape[-1], 1) or not same_size(tm.shape[0], ts.shape[0]):
+        return None
+    return source, mask
 
 
 def _projections(gate: fx.Node, up: fx.Node) -> Optional[_Site]:
-    """Two grouped GEMMs of one input and one routing, or the halves of one packed GEMM."""
+    """Two grouped GEMMs of one input and one routing, or the halves of one packed GEMM (whose
+    rows a ``masked_fill(mask, 0)`` may zero in between: the gate maps a zero row to zeros)."""
     mg, mu = _grouped_mm(gate), _grouped_mm(up)
     if mg is not None and mu is not None:
-        if mg.x is not mu.x or mg.offs is not mu.offs:
+        if not _same_input(mg.x, mu.x) or mg.offs is not mu.offs:
             return None
         if not same_shape(fake(mg.b).shape, fake(mu.b).shape):
             return None
-        return _Site("grouped_mm x2", mg.x, mg.offs, (mg.b, mu.b), None, [gate, up])
+        spare = (mu.x,) if mu.x is not mg.x and set(mu.x.users) == {up} else ()
+        return _Site("grouped_mm x2", mg.x, mg.offs, (mg.b, mu.b), None, [gate, up], spare_casts=spare)
     found = _halves_of_split(gate, up) or _halves_of_slices(gate, up)
     if found is None:
         return None
     kind, layout, nodes, y = found
+    mask = None
     m = _grouped_mm(y)
-    if m is None or len(y.users) != (2 if kind == "interleaved" else 1):
+    if m is None:
+        masked = _zero_row_mask(y)
+        if masked is None or len(masked[0].users) != 1:
+            return None
+        source, mask = masked
+        m = _grouped_mm(source)
+        if m is None:
+            return None
+        nodes = [source, *nodes]
+        kind = f"{kind}, zeroed rows"
+    if len(y.users) != (2 if kind.startswith("interleaved") else 1):
         return None
     tb, tg = fake(m.b), fake(gate)
     if tg is None or not isinstance(tb.shape[2], int) or tb.shape[2] % 2 \
             or not same_size(tg.shape[-1] * 2, tb.shape[2]):
         return None
-    return _Site(f"grouped_mm packed {kind}", m.x, m.offs, (m.b,), layout, nodes)
+    name = "transformers fallback" if m.node.target not in _GROUPED_MM else "grouped_mm"
+    return _Site(f"{name} packed {kind}", m.x, m.offs, (m.b,), layout, nodes, row_mask=mask)
 
 
 def _only_used_by(node: fx.Node, users: set) -> bool:
@@ -252,7 +334,7 @@ def _resolve_silu(match: Match, form: str) -> Optional[_Site]:
 
 def _resolve(match: Match, form: str):
     """(site, activation, alpha, limit) behind an anchor match, or None."""
-    if not declared_kwargs_only(match):
+    if not declared_kwargs_only(match) or form.startswith(_REPORT_ONLY):   # gelu & co: not our gate
         return None
     if "upc" in match.kwargs:
         found = _resolve_gptoss(match, form)
@@ -320,8 +402,13 @@ def _rewrite(match: Match, form: str) -> None:
             args = (site.x, site.offs, weights[0], None, site.layout, activation, alpha, limit, save_preact)
             op = graph.call_function(torch.ops.glu_fusion.grouped_swiglu_packed.default, args)
         out = graph.call_function(operator.getitem, (op, 0))
+        if site.row_mask is not None:   # zero the same rows, as the model did before its gate
+            masked = graph.call_method("masked_fill", (out, site.row_mask, 0.0))
     copy_meta(anchor, op, with_value=False)
     copy_meta(anchor, out)
+    if site.row_mask is not None:
+        copy_meta(anchor, masked)
+        out = masked
     tx = fake(site.x)
     REPORT.add(Rewrite(
         family=NAME, spelling=site.spelling,
@@ -334,6 +421,9 @@ def _rewrite(match: Match, form: str) -> None:
     for b in site.weights:   # a transpose only the grouped GEMM read is unused now
         if _is_swap_of_last_two(b) and not b.users:
             graph.erase_node(b)
+    for cast in site.spare_casts:
+        if not cast.users:
+            graph.erase_node(cast)
 
 
 def register(pass_) -> None:

@@ -288,6 +288,25 @@ def _stored(node: fx.Node) -> bool:
     return node.op in ("placeholder", "get_attr")
 
 
+#: Why a SwiGLU over one expert's slices ``W[i]`` of stacked ``[E, N, K]`` weights is left: such
+#: sites come from a per-expert Python loop (torchtitan's ``_run_experts_for_loop``, transformers'
+#: ``eager`` experts), reported under the expert family.
+PER_EXPERT_LOOP = ("a per-expert loop: the weight is one expert's slice W[i] of a stacked [E, N, K] "
+                   "parameter and each expert's token count is a Python number in this graph (data-dependent "
+                   "shapes: one graph per routing, nothing grouped to fuse); the expert family fuses the "
+                   "grouped-GEMM spelling (torch._grouped_mm over offsets) of the same block")
+
+
+def _expert_slice(node: fx.Node) -> bool:
+    """``W[i]`` with ``W`` a stored 3-D tensor and ``i`` a Python int."""
+    if node.op != "call_function" or node.target is not operator.getitem or node.kwargs:
+        return False
+    source, index = node.args
+    tw = fake(source) if isinstance(source, fx.Node) else None
+    return (isinstance(index, int) and not isinstance(index, bool) and isinstance(source, fx.Node)
+            and _stored(source) and tw is not None and tw.dim() == 3)
+
+
 def _projection(node) -> "Optional[_Linear] | str":
     """``node`` as a projection: an ``F.linear`` or a matmul by a stored 2-D weight.
 
@@ -312,6 +331,8 @@ def _projection(node) -> "Optional[_Linear] | str":
                 f"x @ v with a 1-D v{shape_str(w)} is a matrix-vector product, not a projection")
     if tx.dim() < 1:
         return "x @ W with a 0-D x"
+    if _expert_slice(w):
+        return PER_EXPERT_LOOP
     if not _stored(w) or w is x:
         return (f"the second operand of x @ W ({w.name}) is computed in the graph, not a stored "
                 f"weight")
@@ -597,7 +618,8 @@ def _resolved(match: Match, form: str) -> Optional[_Site]:
     gate, up = match.kwargs["gate"], match.kwargs["up"]
     if _looks_projected(gate) and _looks_projected(up):
         anchor = match.output_node()
-        REPORT.consider_left(anchor, Leftover(NAME, found, source_line(anchor), module_path(anchor)))
+        family = "experts" if found == PER_EXPERT_LOOP else NAME
+        REPORT.consider_left(anchor, Leftover(family, found, source_line(anchor), module_path(anchor)))
     return None
 
 
