@@ -40,7 +40,7 @@ from glu_fusion.compile.report import REPORT, Rewrite
 
 from ._common import (Family, common_tensor_kind, copy_meta, declared_kwargs_only, fake, module_path,
                       ordered_pure_span, same_shape, same_size, shape_str, site_resolves, source_line)
-from .swiglu import _REPORT_ONLY, _anchor_patterns, _halves_of_slices, _halves_of_split, _products
+from .swiglu import _anchor_patterns, _halves_of_slices, _halves_of_split, _products
 
 aten = torch.ops.aten
 NAME = "experts"
@@ -334,7 +334,7 @@ def _resolve_silu(match: Match, form: str) -> Optional[_Site]:
 
 def _resolve(match: Match, form: str):
     """(site, activation, alpha, limit) behind an anchor match, or None."""
-    if not declared_kwargs_only(match) or form.startswith(_REPORT_ONLY):   # gelu & co: not our gate
+    if not declared_kwargs_only(match):
         return None
     if "upc" in match.kwargs:
         found = _resolve_gptoss(match, form)
