@@ -234,10 +234,33 @@ def markdown(meta: dict, rows: list) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(meta: dict, rows: list, path: str) -> None:
+    """One bar per GEMM or epilogue: baseline time / engine time (above 1: the engine is
+    faster), with the 0.98 and 1.0 lines of the targets."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    done = [r for r in rows if r.get("ratio")]
+    labels = [f"{r['op']} {r['D']}→{r['N']} M={r['M']}" if r["kind"] == "gemm"
+              else f"{r['kind']} ({r['op']}) {r['D']}→{r['N']} M={r['M']}" for r in done]
+    fig, ax = plt.subplots(figsize=(max(8, 0.28 * len(done)), 4.8))
+    ax.bar(range(len(done)), [r["ratio"] for r in done],
+           color=["tab:blue" if r["kind"] == "gemm" else "tab:orange" for r in done])
+    for y in (0.98, 1.0):
+        ax.axhline(y, color="black", linewidth=0.6, linestyle=":" if y < 1 else "-")
+    ax.set_xticks(range(len(done)), labels, rotation=75, ha="right", fontsize=6)
+    ax.set_ylabel("baseline time / engine time")
+    ax.set_title(f"Engine vs cuBLAS (blue) and cuBLAS + Inductor's elementwise kernel (orange); "
+                 f"{meta['gpu']}, torch {meta['torch']}, triton {meta['triton']}, {meta['date']}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", required=True)
     parser.add_argument("--md", required=True)
+    parser.add_argument("--png", help="a bar plot of every ratio")
     parser.add_argument("--quick", action="store_true", help="M = 16384 only")
     parser.add_argument("--only", choices=("gemm", "epilogues"), default=None)
     args = parser.parse_args()
@@ -254,6 +277,8 @@ def main() -> None:
         json.dump(dict(meta=meta, rows=rows), f, indent=1)
     with open(args.md, "w") as f:
         f.write(markdown(meta, rows))
+    if args.png:
+        plot(meta, rows, args.png)
     print(markdown(meta, rows))
 
 

@@ -73,7 +73,7 @@ for stage in $stages; do
     block) python3 benchmarks/bench_mlp_block.py $quick --json "$OUT/mlp_block.json" --md "$OUT/mlp_block.md" \
              --profile "$OUT/mlp_block_profile.txt" 2>/tmp/block.err || tail -30 /tmp/block.err ;;
     engine) timeout 240 python3 -m pytest -q -n 8 tests/test_gpu_engine.py -p no:cacheprovider 2>&1 | tail -15
-            timeout 420 python3 benchmarks/bench_engine.py $quick --json "$OUT/engine.json" --md "$OUT/engine.md" \
+            timeout 420 python3 benchmarks/bench_engine.py $quick --json "$OUT/engine.json" --md "$OUT/engine.md" --png "$OUT/engine.png" \
               2>&1 | grep -v "^|" | tail -70
             if [ -d .anchors ]; then (cd .anchors && timeout 60 python3 gluon_probe.py 2>&1 | tail -7 | tee "$OUT/anchor_gemm.txt"); fi ;;
     gemm) python3 benchmarks/bench_gemm_kernels.py --json /tmp/gemm_kernels.json --md "$OUT/gemm_kernels.md" 2>/tmp/gemm.err || tail -30 /tmp/gemm.err ;;
