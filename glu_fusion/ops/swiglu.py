@@ -33,7 +33,6 @@ from .autocast import register_autocast_follow, register_autocast_passthrough
 from .dispatch import allow_tf32, check_same, empty_like_nothing, register_cuda_fast_path, rows_2d, use_gemm_kernels
 from .graph_twins import register_graph_twins
 from .plan_cache import PlanCache, plans_enabled, tensor_key
-from .weight_grad import weight_grad
 
 
 def _env_choice(name: str, default: str, allowed: tuple[str, ...]) -> str:
@@ -575,7 +574,11 @@ def _gemm_backward(dout: Tensor, preact: Tensor, x: Tensor, weights: tuple, layo
 
 def grads_from_dh(dh: Tensor, x: Tensor, weights: tuple, need_x: bool, need_w: bool, need_b: bool):
     """dx, the weight grads and the bias grads (each a tuple shaped like ``weights``, or None)
-    from ``dH`` laid out as the weights' rows: plain GEMMs and column sums."""
+    from ``dH`` laid out as the weights' rows: plain GEMMs and column sums.
+
+    The weight gradient ``dHᵀ·x`` is one GEMM (cuBLAS on the GPU).  The Hopper engine's
+    split-reduction weight gradient (``kernels.engine.host.matmul(..., splits=)``) is the
+    candidate for it once measured against cuBLAS."""
     x2d = rows_2d(x)
     dx = dws = dbs = None
     n = dh.shape[1] // 2
@@ -585,7 +588,8 @@ def grads_from_dh(dh: Tensor, x: Tensor, weights: tuple, need_x: bool, need_w: b
         else:
             dx = torch.addmm(dh[:, :n] @ weights[0], dh[:, n:], weights[1]).reshape(x.shape)
     if need_w or need_b:
-        dw, db = weight_grad(dh, x2d, need_b)  # one GEMM over [dG | dU] for both halves
+        dw = dh.t() @ x2d  # one GEMM over [dG | dU] for both halves
+        db = dh.sum(0) if need_b else None
         if need_w:
             dws = (dw,) if len(weights) == 1 else (dw[:n], dw[n:])
         if need_b:
