@@ -68,7 +68,8 @@ def _gate_grads64(dout, g, u):
 
 def test_kernels_write_every_output_element():
     """Outputs are poisoned with NaN before each kernel: every element must be overwritten."""
-    from glu_fusion.kernels import swiglu_forward, swiglu_gate_grad
+    from glu_fusion.kernels.portable.swiglu_fwd import swiglu_forward
+    from glu_fusion.kernels.portable.swiglu_gate_grad import swiglu_gate_grad
 
     m, k, n = 37, 50, 29
     _, pre = _check_forward_writes_every_element(swiglu_forward, m, k, n)
@@ -83,7 +84,7 @@ def test_kernels_write_every_output_element():
 
 def test_gate_grad_writes_interleaved_columns_and_over_its_inputs():
     """dG and dU land in the interleaved columns of a packed dH, or over g and u themselves."""
-    from glu_fusion.kernels import swiglu_gate_grad
+    from glu_fusion.kernels.portable.swiglu_gate_grad import swiglu_gate_grad
 
     m, n = 40, 16
     dout, preact = torch.randn(m, n), torch.randn(m, 2 * n)
@@ -150,10 +151,10 @@ def test_empty_and_single_row():
 @pytest.mark.parametrize("bias", [False, True])
 def test_tma_forward(layout, bias, monkeypatch):
     """The persistent TMA forward (several tiles per program, ragged edges) matches float64."""
-    from glu_fusion.kernels import tma_eligible
+    from glu_fusion.kernels.portable.swiglu_fwd_tma import tma_eligible
     from glu_fusion.ops import swiglu as swiglu_ops
 
-    from glu_fusion.kernels import swiglu_fwd_tma
+    from glu_fusion.kernels.portable import swiglu_fwd_tma
 
     monkeypatch.setattr(swiglu_ops, "_TMA_MIN_TOKENS", 1)
     # Plans built earlier for this signature chose the pointer kernel: start from none.
@@ -176,13 +177,13 @@ def test_cublas_forward_for_training(layout, bias, dtype, monkeypatch):
     kernel."""
     from glu_fusion.ops import swiglu as swiglu_ops
 
-    import glu_fusion.kernels as kernels
+    from glu_fusion.kernels.portable import swiglu_gate as gate_kernel
 
     monkeypatch.setattr(swiglu_ops, "_CUBLAS_MIN_TOKENS", 1)
     monkeypatch.setattr(swiglu_ops, "_FORWARD_PLANS", swiglu_ops.PlanCache(swiglu_ops._build_forward_plan))
     calls = []
-    real = kernels.swiglu_gate
-    monkeypatch.setattr(kernels, "swiglu_gate", lambda *a: calls.append(1) or real(*a))
+    real = gate_kernel.swiglu_gate
+    monkeypatch.setattr(gate_kernel, "swiglu_gate", lambda *a: calls.append(1) or real(*a))
     problem = make_problem(layout, (3, 11), 40, 24, dtype, bias)
     check_against_float64(problem, TOLERANCE[dtype])
     assert calls, "the training call did not take the cuBLAS path"
@@ -193,7 +194,7 @@ def test_cublas_forward_for_training(layout, bias, dtype, monkeypatch):
 
 
 def test_tma_forward_writes_every_element():
-    from glu_fusion.kernels import swiglu_forward_tma
+    from glu_fusion.kernels.portable.swiglu_fwd_tma import swiglu_forward_tma
 
     _check_forward_writes_every_element(swiglu_forward_tma, 90, 64, 40)
 
@@ -202,7 +203,7 @@ def test_tma_forward_leaves_the_callers_triton_allocator():
     """The TMA forward sets Triton's allocator for its own launch only."""
     from triton.runtime import _allocation
 
-    from glu_fusion.kernels import swiglu_forward_tma
+    from glu_fusion.kernels.portable.swiglu_fwd_tma import swiglu_forward_tma
 
     def mine(size, alignment, stream):
         return torch.empty(size, dtype=torch.int8)

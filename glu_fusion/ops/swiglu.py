@@ -149,7 +149,7 @@ def _route(x2d: Tensor, w_gate: Tensor, w_up: Tensor, out: Optional[Tensor], pre
     if save_preact and _FORWARD == "auto" and m >= _CUBLAS_MIN_TOKENS and k > 0:
         return "cublas"
     if _FORWARD_TMA and m >= _TMA_MIN_TOKENS and k > 0:
-        from ..kernels import tma_eligible
+        from ..kernels.portable.swiglu_fwd_tma import tma_eligible
         n = w_gate.shape[0]
         halves = (preact[:, :n], preact[:, n:]) if preact is not None else ()
         if tma_eligible(x2d, w_gate, w_up, out, *halves):
@@ -181,7 +181,8 @@ def _forward(x: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Optional[Tensor],
         elif route == "cublas":
             _forward_cublas(x2d, w_gate, w_up, b_gate, b_up, out, preact)
         else:
-            from ..kernels import swiglu_forward, swiglu_forward_tma
+            from ..kernels.portable.swiglu_fwd import swiglu_forward
+            from ..kernels.portable.swiglu_fwd_tma import swiglu_forward_tma
             launch = swiglu_forward_tma if route == "tma" else swiglu_forward
             launch(x2d, w_gate, w_up, b_gate, b_up, out, preact, allow_tf32())
     else:
@@ -204,7 +205,7 @@ def _forward_cublas(x2d: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Optional[
                     b_up: Optional[Tensor], out: Tensor, preact: Tensor) -> None:
     """Training forward: cuBLAS writes g and u straight into the saved pre-activations (as
     ``F.linear`` rounds them), then one elementwise kernel writes ``silu(g)·u``."""
-    from ..kernels import swiglu_gate
+    from ..kernels.portable.swiglu_gate import swiglu_gate
     _projections_into(x2d, w_gate, w_up, b_gate, b_up, preact)
     swiglu_gate(*_preact_halves(preact), out)
 
@@ -260,9 +261,9 @@ def _build_forward_plan(x: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Optiona
             return out.reshape(out_shape), preact
         return run_cublas
 
-    from ..kernels.swiglu_fwd import forward_operands, forward_plan
+    from ..kernels.portable.swiglu_fwd import forward_operands, forward_plan
     if route == "tma":
-        from ..kernels.swiglu_fwd_tma import tma_forward_plan
+        from ..kernels.portable.swiglu_fwd_tma import tma_forward_plan
         launch_tma = tma_forward_plan(x2d, w_gate, w_up, b_gate, b_up, out, preact, allow_tf32())
 
         def run_tma(x, w_gate, w_up, b_gate, b_up):
@@ -377,7 +378,7 @@ def _gate_grad_into(dout: Tensor, preact: Tensor, d_g_out: Tensor, d_u_out: Tens
     dout2d = rows_2d(dout, n)
     g, u = _preact_halves(preact)
     if use_gemm_kernels(dout):
-        from ..kernels import swiglu_gate_grad
+        from ..kernels.portable.swiglu_gate_grad import swiglu_gate_grad
         swiglu_gate_grad(dout2d, g, u, d_g_out, d_u_out, h_out)
     else:
         if h_out is not None:
@@ -396,7 +397,7 @@ def _build_dh_plan(dout: Tensor, preact: Tensor, layout: int):
     """``swiglu_dh``'s host work for this signature, done once; None: general path."""
     if not use_gemm_kernels(dout):
         return None
-    from ..kernels.swiglu_bwd import gate_grad_plan
+    from ..kernels.portable.swiglu_gate_grad import gate_grad_plan
     n = preact.shape[1] // 2
     dout2d = rows_2d(dout, n)
     m = dout2d.shape[0]
@@ -450,7 +451,7 @@ def _build_dh_inplace_plan(dout: Tensor, preact: Tensor):
     _check_dh_inplace(dout, preact)
     if not use_gemm_kernels(dout):
         return None
-    from ..kernels.swiglu_bwd import gate_grad_plan
+    from ..kernels.portable.swiglu_gate_grad import gate_grad_plan
     n = preact.shape[1] // 2
     dout2d = rows_2d(dout, n)
     if dout2d.shape[0] == 0 or n == 0 or dout2d.data_ptr() != dout.data_ptr():
