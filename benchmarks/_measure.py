@@ -49,14 +49,14 @@ class GatedMLP(torch.nn.Module):
 
 def apply_switches(switches: dict) -> dict:
     """Set glu_fusion's user settings and private A/B switches by short name (``recompute``,
-    ``backward``, ``forward``, ``forward_tma``, ``graph_ops``, ``cached_launch``); returns the
+    ``forward``, ``forward_tma``, ``graph_ops``, ``cached_launch``); returns the
     previous values, to pass back in afterwards."""
     import glu_fusion
     from glu_fusion.compile import post_grad
     from glu_fusion.ops import plan_cache
     from glu_fusion.ops import swiglu as swiglu_ops
 
-    where = {"backward": (swiglu_ops, "_BACKWARD"), "forward": (swiglu_ops, "_FORWARD"),
+    where = {"forward": (swiglu_ops, "_FORWARD"),
              "forward_tma": (swiglu_ops, "_FORWARD_TMA"), "graph_ops": (post_grad, "_GRAPH_OPS"),
              "recompute": (glu_fusion.config, "recompute")}
     previous = {}

@@ -7,8 +7,9 @@ Variants (bf16, weights as module parameters, as models hold them):
 * ``ours``: ``torch.compile(module, backend=glu_fusion.backend)``: the whole-block op.
 * ``ours_swiglu``: the pass with the block rewrite off (SwiGLU op, the down projection left to
   Inductor), the previous default.
-* ``ours``'s backward runs cuBLAS's ``dOut·Wd`` and one elementwise pass for dG, dU and h (the
-  default); ``ours_fused_bwd`` runs our GEMM with that pass in its epilogue instead.
+* ``ours``'s backward runs the down projection's input-grad GEMM ``dOut·Wd`` with the gate's
+  backward (dG, dU and h) in its epilogue on Hopper (the engine), elsewhere cuBLAS's GEMM and
+  one elementwise pass.
 * ``ours_recompute``: the block op saving only ``x`` (peak memory).
 * for M ≤ 16 also ``inductor_cg`` / ``ours_cg``: both under CUDA graphs (``reduce-overhead``), the
   decode case.
@@ -72,11 +73,6 @@ def _set_block(on: bool) -> None:
     swiglu_patterns.REWRITE_BLOCK = on
 
 
-def _set_fused_dgated(on: bool) -> None:
-    from glu_fusion.ops import mlp_block
-    mlp_block.FUSED_DGATED = on
-
-
 def variants(module: MLP, m: int) -> dict:
     """name -> (compiled callable, setup applied before compiling and running it)."""
     torch._dynamo.reset()
@@ -88,7 +84,6 @@ def variants(module: MLP, m: int) -> dict:
         "inductor": (torch.compile(module), {}),
         "ours": (ours(), {}),
         "ours_swiglu": (ours(), {"block": False}),
-        "ours_fused_bwd": (ours(), {"fused_dgated": True}),
         "ours_recompute": (ours(), {"recompute": True}),
     }
     if m <= CUDA_GRAPH_MAX_TOKENS:
@@ -99,7 +94,6 @@ def variants(module: MLP, m: int) -> dict:
 
 def _apply(setup: dict) -> None:
     _set_block(setup.get("block", True))
-    _set_fused_dgated(setup.get("fused_dgated", False))
     glu_fusion.config.recompute = setup.get("recompute", False)
 
 
@@ -148,7 +142,7 @@ def profile(k: int, n: int, m: int) -> str:
     dout = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     text = []
     for name, (fn, setup) in variants(module, m + CUDA_GRAPH_MAX_TOKENS + 1).items():
-        if name not in ("inductor", "ours", "ours_swiglu", "ours_fused_bwd"):
+        if name not in ("inductor", "ours", "ours_swiglu"):
             continue
         _apply(setup)
         for _ in range(3):
@@ -170,8 +164,8 @@ def markdown(rows: list, env: dict) -> str:
              f"copy {env['copy_TBps']:.2f} TB/s. Times in ms; speed-up = Inductor time / ours (> 1: faster). "
              "wall: host time per call without CUDA graphs; gpu: CUDA-event median.", "",
              "| K→N | M | phase | floor | inductor wall | ours wall | speed-up wall | inductor gpu | ours gpu | "
-             "speed-up gpu | ours_swiglu gpu | ours_fused_bwd gpu | ours/floor |",
-             "|" + "---|" * 13]
+             "speed-up gpu | ours_swiglu gpu | ours/floor |",
+             "|" + "---|" * 12]
     for r in rows:
         for phase in ("fwd", "fwdbwd"):
             floor = r[f"floor_{phase}_ms"]
@@ -179,7 +173,7 @@ def markdown(rows: list, env: dict) -> str:
             ig, og = r[f"inductor_{phase}_gpu_ms"], r[f"ours_{phase}_gpu_ms"]
             lines.append(f"| {r['K']}→{r['N']} | {r['M']} | {phase} | {floor:.3f} | {iw:.3f} | {ow:.3f} | "
                          f"{iw / ow:.3f} | {ig:.3f} | {og:.3f} | {ig / og:.3f} | "
-                         f"{r[f'ours_swiglu_{phase}_gpu_ms']:.3f} | {r[f'ours_fused_bwd_{phase}_gpu_ms']:.3f} | "
+                         f"{r[f'ours_swiglu_{phase}_gpu_ms']:.3f} | "
                          f"{og / floor:.2f} |")
     lines += ["", "Peak memory over the inputs during one forward+backward (MB):", "",
               "| K→N | M | inductor | ours | ours_swiglu | ours_recompute | ours/inductor | recompute/inductor |",

@@ -132,7 +132,7 @@ def measure_block(name: str, tokens: int) -> dict:
 
 def measure_gemms(name: str, tokens: int) -> dict:
     """Our grouped kernels alone against torch._grouped_mm on the same operands (silu weights)."""
-    from glu_fusion.kernels.grouped_gemm import grouped_input_grad, grouped_swiglu_forward, grouped_weight_grad
+    from glu_fusion.kernels.portable.grouped_gemm import grouped_input_grad, grouped_swiglu_forward, grouped_weight_grad
     k, n, e, topk, _, _ = CONFIGS[name]
     offs = routing(tokens, e, topk)
     t = tokens * topk

@@ -37,7 +37,7 @@ for _limit in ("cache_size_limit", "recompile_limit"):
         setattr(torch._dynamo.config, _limit, 64)
 
 
-DEFAULTS = {"backward": "gemm", "forward_tma": True, "recompute": False}
+DEFAULTS = {"forward_tma": True, "recompute": False}
 
 
 def measure_shape(k: int, n: int, m: int, bandwidth: float) -> dict:
@@ -97,7 +97,6 @@ def make_variants(m: int, module: GatedMLP) -> dict:
         "ours_backend_recompute": (ours_compiled(), {"recompute": True}),
         "ours_op": (ours_op, {}),
         "ours_op_ptrfwd": (ours_op, {"forward_tma": False}),
-        "ours_op_fusedbwd": (ours_op, {"backward": "fused"}),
     }
     if m <= CUDA_GRAPH_MAX_TOKENS:  # launch-bound sizes: both sides also with CUDA graphs
         variants["inductor_cg"] = (compiled(mode="reduce-overhead"), {})

@@ -15,7 +15,6 @@
 #   bash benchmarks/device_run.sh paired  small shapes, ours against Inductor, variants interleaved (~4 min)
 #   bash benchmarks/device_run.sh kernels GPU time of every kernel in one forward+backward (profiler)
 #   bash benchmarks/device_run.sh block   MLP-block benchmark with per-kernel profiles (--quick with "quick")
-#   bash benchmarks/device_run.sh gemm    our GEMM kernels alone against cuBLAS, with a tile-table sweep
 #   bash benchmarks/device_run.sh engine  the Gluon engine's GPU tests, then its benchmark against cuBLAS
 #                                         (and cuBLAS + Inductor's elementwise kernels), with the probes
 #                                         of shared/anchors when a copy sits in .anchors/ (~6 min)
@@ -76,7 +75,6 @@ for stage in $stages; do
             timeout 420 python3 benchmarks/bench_engine.py $quick --json "$OUT/engine.json" --md "$OUT/engine.md" --png "$OUT/engine.png" \
               2>&1 | grep -v "^|" | tail -70
             if [ -d .anchors ]; then (cd .anchors && timeout 60 python3 gluon_probe.py 2>&1 | tail -7 | tee "$OUT/anchor_gemm.txt"); fi ;;
-    gemm) python3 benchmarks/bench_gemm_kernels.py --json /tmp/gemm_kernels.json --md "$OUT/gemm_kernels.md" 2>/tmp/gemm.err || tail -30 /tmp/gemm.err ;;
     multigpu) NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 python3 -m pytest -q -m multigpu \
                tests/test_distributed.py -rfs --tb=line -p no:logging -p no:cacheprovider 2>&1 | tail -15 ;;
     rmsnorm) python3 benchmarks/bench_norms.py --family llama,gemma $quick --json "$OUT/rms_norm.json" --md "$OUT/rms_norm.md" \

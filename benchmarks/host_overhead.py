@@ -24,7 +24,7 @@ import glu_fusion
 import glu_fusion.patterns.routing
 from _measure import apply_switches, eager_gated_norm as norm_eager, eager_swiglu as swiglu_eager, per_call_us
 from glu_fusion.compile.report import REPORT
-from glu_fusion.kernels import swiglu_fwd
+from glu_fusion.kernels.portable import swiglu_fwd
 from glu_fusion.ops import rms_norm_gated as norm_ops
 from glu_fusion.ops import swiglu as swiglu_ops
 

@@ -62,17 +62,15 @@ def plot_norms(path: str, out: str) -> None:
 
 
 def plot_block(path: str, out: str) -> None:
-    """MLP block: the default path, the SwiGLU-only rewrite and the fused backward GEMM, GPU time
-    over Inductor's, forward and forward+backward."""
+    """MLP block: the default path and the SwiGLU-only rewrite, GPU time over Inductor's,
+    forward and forward+backward."""
     data = json.load(open(path))
     rows, env = data["rows"], data["env"]
-    # Rows of that run named the default route "ours_unfused_bwd" and the epilogue GEMM "ours".
-    default = "ours" if "ours_fused_bwd_fwd_gpu_ms" in rows[0] else "ours_unfused_bwd"
-    fused = "ours_fused_bwd" if default == "ours" else "ours"
+    # Rows of older runs named the default route "ours_unfused_bwd" (and "ours" a fused backward GEMM).
+    default = "ours_unfused_bwd" if "ours_unfused_bwd_fwd_gpu_ms" in rows[0] else "ours"
     series = {}
     for ph in ("fwd", "fwdbwd"):
-        for name, key in (("block (default)", default), ("SwiGLU only", "ours_swiglu"),
-                          ("block, fused bwd GEMM", fused)):
+        for name, key in (("block (default)", default), ("SwiGLU only", "ours_swiglu")):
             series[f"{name} {ph}"] = [r[f"{key}_{ph}_gpu_ms"] / r[f"inductor_{ph}_gpu_ms"] for r in rows]
     fig, ax = plt.subplots(figsize=(13, 4.8))
     _bars(ax, [f"{r['K']}→{r['N']} M={r['M']}" for r in rows], series,

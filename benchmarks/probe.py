@@ -44,7 +44,7 @@ def norm_layers(d: int, rows: int) -> None:
         plan = next(iter(glu_fusion.ops.rms_norm_gated._FORWARD_PLANS._plans.values()))
         print(f"{'plan(x, z, w)':24s} {per_call_us(lambda: plan(x, z, w)):7.1f} us/call")
         y, rstd = torch.empty_like(x), torch.empty(rows, 1, device="cuda")
-        from glu_fusion.kernels import rms_norm_gated as norm_kernels
+        from glu_fusion.kernels.norms import rms_norm_gated as norm_kernels
         from glu_fusion.ops import rms_norm_gated as norm_ops
         launch = norm_kernels.forward_plan(x, z, w, y, *norm_ops._forward_flags(
             x, w, 1e-6, None, True, "silu", 0.0, "none", False))
@@ -64,7 +64,7 @@ def triton_op_norm(d: int, rows: int) -> None:
     kernel itself: the forward kernel wrapped as a ``triton_op``, against the op and Inductor."""
     from torch.library import triton_op, wrap_triton
 
-    from glu_fusion.kernels.rms_norm_gated import forward_plan, rms_norm_gated_fwd_kernel
+    from glu_fusion.kernels.norms.rms_norm_gated import forward_plan, rms_norm_gated_fwd_kernel
     from glu_fusion.ops.rms_norm_gated import _forward_flags
 
     @triton_op("glu_fusion_probe::norm_fwd", mutates_args=())

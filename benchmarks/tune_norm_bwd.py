@@ -9,7 +9,7 @@ import torch
 import triton
 
 from _measure import bench
-from glu_fusion.kernels import rms_norm_gated as kernels
+from glu_fusion.kernels.norms import rms_norm_gated as kernels
 
 ROWS = 524288
 TILES = (2048, 4096, 8192, 16384)

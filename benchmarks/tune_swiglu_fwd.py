@@ -17,8 +17,8 @@ import torch.nn.functional as F
 import triton
 
 from _measure import bench
-from glu_fusion.kernels.swiglu_fwd import swiglu_fwd_kernel
-from glu_fusion.kernels.swiglu_fwd_tma import swiglu_forward_tma
+from glu_fusion.kernels.portable.swiglu_fwd import swiglu_fwd_kernel
+from glu_fusion.kernels.portable.swiglu_fwd_tma import swiglu_forward_tma
 
 TMA_SHAPES = [(4096, 14336, 16384), (4096, 14336, 4096), (2048, 8192, 16384), (1024, 3072, 16384)]
 POINTER_SHAPES = [(4096, 14336, 1), (4096, 14336, 16), (4096, 14336, 128), (2048, 8192, 1024),

@@ -44,7 +44,7 @@ _FP32 = torch.float32
 #: Tests and the benchmark set it (it is part of the pass's cache key).
 REWRITE_DEVICE_TYPES: tuple[str, ...] = ()
 
-#: Widest row the kernels take in one tile (``kernels.rms_norm.MAX_D``); wider rows stay.
+#: Widest row the kernels take in one tile (``kernels.norms.rms_norm.MAX_D``); wider rows stay.
 MAX_D = 32768
 
 

@@ -26,13 +26,18 @@ import glu_fusion.ops  # noqa: F401  (registers every op: test files name them w
 def _import_every_kernel_module() -> None:
     """Decorate every Triton kernel now, while ``TRITON_INTERPRET`` holds the session's value:
     the ops import kernel modules lazily, and a first import inside a test that switched the
-    interpreter off would build the kernels for a GPU this machine may not have."""
+    interpreter off would build the kernels for a GPU this machine may not have.  Every module
+    of every subpackage (portable/, norms/, engine/); the engine's only where this Triton has
+    the Gluon Hopper API it is written against."""
     import importlib
     import pkgutil
 
     import glu_fusion.kernels
-    for info in pkgutil.iter_modules(glu_fusion.kernels.__path__):
-        importlib.import_module(f"glu_fusion.kernels.{info.name}")
+    from glu_fusion.kernels import engine
+    for info in pkgutil.walk_packages(glu_fusion.kernels.__path__, "glu_fusion.kernels."):
+        if info.name.startswith("glu_fusion.kernels.engine.") and not engine._gluon_hopper_api():
+            continue
+        importlib.import_module(info.name)
 
 
 _import_every_kernel_module()

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from glu_fusion import grouped_reference as ref
-from glu_fusion.kernels.grouped_gate import grouped_gate_grad
-from glu_fusion.kernels.grouped_gemm import (grouped_input_grad, grouped_swiglu_forward,
+from glu_fusion.kernels.portable.grouped_gate import grouped_gate_grad
+from glu_fusion.kernels.portable.grouped_gemm import (grouped_input_grad, grouped_swiglu_forward,
                                              grouped_weight_grad, work_list)
 from helpers.grouped_cases import offsets_of
 

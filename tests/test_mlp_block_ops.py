@@ -52,13 +52,10 @@ def _check(problem, d, down_bias, save_preact, tol):
     assert not bad, f"errors over {tol} (0 = output, then leaves in order): {bad}"
 
 
-@pytest.fixture(params=[False, True], ids=["unfused_bwd", "fused_bwd"])
-def interpreter(request, monkeypatch):
-    """Kernels through the interpreter, with the block's backward GEMM unfused (the default) and
-    with the gate's backward in its epilogue."""
-    from glu_fusion.ops import mlp_block
+@pytest.fixture
+def interpreter(monkeypatch):
+    """Kernels through the interpreter."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setattr(mlp_block, "FUSED_DGATED", request.param)
     torch.manual_seed(99)
 
 

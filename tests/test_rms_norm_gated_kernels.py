@@ -31,14 +31,14 @@ def _interpretable_kernels():
     ``TRITON_INTERPRET`` when it decorates, and another test may have imported it without."""
     import importlib
     import sys
-    name = "glu_fusion.kernels.rms_norm_gated"
+    name = "glu_fusion.kernels.norms.rms_norm_gated"
     module = sys.modules.get(name) or importlib.import_module(name)
     if type(module.rms_norm_gated_fwd_kernel).__name__ != "InterpretedFunction":
         importlib.reload(module)
 
 
 def _kernels():
-    from glu_fusion.kernels import rms_norm_gated as kernels
+    from glu_fusion.kernels.norms import rms_norm_gated as kernels
     return kernels
 
 

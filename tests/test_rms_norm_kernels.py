@@ -32,14 +32,14 @@ def _interpretable_kernels():
     ``TRITON_INTERPRET`` when it decorates)."""
     import importlib
     import sys
-    name = "glu_fusion.kernels.rms_norm"
+    name = "glu_fusion.kernels.norms.rms_norm"
     module = sys.modules.get(name) or importlib.import_module(name)
     if type(module.rms_norm_fwd_kernel).__name__ != "InterpretedFunction":
         importlib.reload(module)
 
 
 def _kernels():
-    from glu_fusion.kernels import rms_norm as kernels
+    from glu_fusion.kernels.norms import rms_norm as kernels
     return kernels
 
 

@@ -21,7 +21,7 @@ def _import_torch(env: dict) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], env=full, capture_output=True, text=True, timeout=120)
 
 
-@pytest.mark.parametrize("variable", ["GLU_FUSION_FORWARD", "GLU_FUSION_BACKWARD", "GLU_FUSION_TMA",
+@pytest.mark.parametrize("variable", ["GLU_FUSION_FORWARD", "GLU_FUSION_ENGINE", "GLU_FUSION_TMA",
                                       "GLU_FUSION_CACHED_LAUNCH", "GLU_FUSION_GRAPH_OPS"])
 def test_bogus_benchmark_switch_never_breaks_import_torch(variable):
     done = _import_torch({variable: "bogus", "GLU_FUSION": "1"})

@@ -1,4 +1,5 @@
-"""The three SwiGLU Triton kernels through Triton's CPU interpreter, against float64.
+"""The portable SwiGLU Triton kernels (pointer and TMA forward, gate, gate-grad) and the ops'
+backward through Triton's CPU interpreter, against float64.
 
 The interpreter is switched on for these tests only (``TRITON_INTERPRET=1`` while they run);
 the kernels module is imported under it, so its ``@triton.jit`` functions are interpretable.
@@ -17,12 +18,8 @@ pytestmark = pytest.mark.skipif(torch.cuda.is_available(),
 
 @pytest.fixture(autouse=True)
 def interpreter(monkeypatch):
-    """Kernels through the interpreter; the backward through the fused dX/dW kernels unless a
-    test asks for the GEMM mode (the default on GPU)."""
-    from glu_fusion.ops import swiglu as swiglu_ops
-
+    """Kernels through the interpreter."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setattr(swiglu_ops, "_BACKWARD", "fused")
     torch.manual_seed(1234)
     yield
 
@@ -62,57 +59,41 @@ def _check_forward_writes_every_element(launch, m, k, n):
     return (x, wg, wu), pre
 
 
+def _gate_grads64(dout, g, u):
+    """float64 (dG, dU, h) of ``silu(g)·u``."""
+    gf, uf = g.double(), u.double()
+    sig = torch.sigmoid(gf)
+    return dout.double() * uf * sig * (1 + gf * (1 - sig)), dout.double() * gf * sig, gf * sig * uf
+
+
 def test_kernels_write_every_output_element():
     """Outputs are poisoned with NaN before each kernel: every element must be overwritten."""
-    from glu_fusion.kernels import swiglu_forward, swiglu_input_grad, swiglu_weight_grad
+    from glu_fusion.kernels.portable.swiglu_fwd import swiglu_forward
+    from glu_fusion.kernels.portable.swiglu_gate_grad import swiglu_gate_grad
 
     m, k, n = 37, 50, 29
-    (x, wg, wu), pre = _check_forward_writes_every_element(swiglu_forward, m, k, n)
+    _, pre = _check_forward_writes_every_element(swiglu_forward, m, k, n)
 
     dout = torch.randn(m, n)
     g, u = pre[:, :n], pre[:, n:]
-    dx = torch.full((m, k), float("nan"))
-    swiglu_input_grad(dout, g, u, wg, wu, dx, allow_tf32=False)
-    sig = torch.sigmoid(g.double())
-    d_g = dout.double() * u.double() * sig * (1 + g.double() * (1 - sig))
-    d_u = dout.double() * g.double() * sig
-    assert rel_error(dx, d_g @ wg.double() + d_u @ wu.double()) < 1e-5
-
-    dwg, dwu = torch.full((n, k), float("nan")), torch.full((n, k), float("nan"))
-    dbg, dbu = torch.full((n,), float("nan")), torch.full((n,), float("nan"))
-    swiglu_weight_grad(dout, g, u, x, dwg, dwu, dbg, dbu, allow_tf32=False)
-    assert rel_error(dwg, d_g.T @ x.double()) < 1e-5 and rel_error(dwu, d_u.T @ x.double()) < 1e-5
-    assert rel_error(dbg, d_g.sum(0)) < 1e-5 and rel_error(dbu, d_u.sum(0)) < 1e-5
+    d_g, d_u, h = (torch.full((m, n), float("nan")) for _ in range(3))
+    swiglu_gate_grad(dout, g, u, d_g, d_u, h)
+    for got, want in zip((d_g, d_u, h), _gate_grads64(dout, g, u)):
+        assert rel_error(got, want) < 1e-5
 
 
-def test_weight_grad_writes_strided_packed_views():
-    """dW lands directly in the interleaved halves of a packed gradient, untouched rows stay."""
-    from glu_fusion.kernels import swiglu_weight_grad
+def test_gate_grad_writes_interleaved_columns_and_over_its_inputs():
+    """dG and dU land in the interleaved columns of a packed dH, or over g and u themselves."""
+    from glu_fusion.kernels.portable.swiglu_gate_grad import swiglu_gate_grad
 
-    m, k, n = 40, 32, 16
-    x, *_ = _kernel_inputs(m, k, n, torch.float32)
-    g, u, dout = torch.randn(m, n), torch.randn(m, n), torch.randn(m, n)
-    packed = torch.full((2 * n, k), float("nan"))
-    swiglu_weight_grad(dout, g, u, x, packed[0::2], packed[1::2], None, None, False)
-    sig = torch.sigmoid(g.double())
-    d_g = dout.double() * u.double() * sig * (1 + g.double() * (1 - sig))
-    d_u = dout.double() * g.double() * sig
-    assert rel_error(packed[0::2], d_g.T @ x.double()) < 1e-5
-    assert rel_error(packed[1::2], d_u.T @ x.double()) < 1e-5
-
-
-def test_weight_grad_is_deterministic():
-    from glu_fusion.kernels import swiglu_weight_grad
-
-    m, k, n = 70, 32, 16
-    x, *_ = _kernel_inputs(m, k, n, torch.float32)
-    g, u, dout = torch.randn(m, n), torch.randn(m, n), torch.randn(m, n)
-    results = []
-    for _ in range(2):
-        dwg, dwu = torch.empty(n, k), torch.empty(n, k)
-        swiglu_weight_grad(dout, g, u, x, dwg, dwu, None, None, False)
-        results.append((dwg, dwu))
-    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    m, n = 40, 16
+    dout, preact = torch.randn(m, n), torch.randn(m, 2 * n)
+    want_g, want_u, _ = _gate_grads64(dout, preact[:, :n], preact[:, n:])
+    dh = torch.full((m, 2 * n), float("nan"))
+    swiglu_gate_grad(dout, preact[:, :n], preact[:, n:], dh[:, 0::2], dh[:, 1::2])
+    assert rel_error(dh[:, 0::2], want_g) < 1e-5 and rel_error(dh[:, 1::2], want_u) < 1e-5
+    swiglu_gate_grad(dout, preact[:, :n], preact[:, n:], preact[:, :n], preact[:, n:])
+    assert rel_error(preact[:, :n], want_g) < 1e-5 and rel_error(preact[:, n:], want_u) < 1e-5
 
 
 def test_strided_input_and_grad():
@@ -166,24 +147,14 @@ def test_empty_and_single_row():
             check_against_float64(problem, 1e-5)
 
 
-@pytest.mark.parametrize("layout", ALL_LAYOUTS)
-def test_gemm_backward_mode(layout, monkeypatch):
-    """The elementwise gate-grad kernel plus plain GEMMs give the same gradients."""
-    from glu_fusion.ops import swiglu as swiglu_ops
-
-    monkeypatch.setattr(swiglu_ops, "_BACKWARD", "gemm")
-    for dtype in (torch.float32, torch.float16):
-        check_against_float64(make_problem(layout, (2, 9), 40, 24, dtype, bias=True), TOLERANCE[dtype])
-
-
 @pytest.mark.parametrize("layout", ["separate", "concat", "interleaved_up_first"])
 @pytest.mark.parametrize("bias", [False, True])
 def test_tma_forward(layout, bias, monkeypatch):
     """The persistent TMA forward (several tiles per program, ragged edges) matches float64."""
-    from glu_fusion.kernels import tma_eligible
+    from glu_fusion.kernels.portable.swiglu_fwd_tma import tma_eligible
     from glu_fusion.ops import swiglu as swiglu_ops
 
-    from glu_fusion.kernels import swiglu_fwd_tma
+    from glu_fusion.kernels.portable import swiglu_fwd_tma
 
     monkeypatch.setattr(swiglu_ops, "_TMA_MIN_TOKENS", 1)
     # Plans built earlier for this signature chose the pointer kernel: start from none.
@@ -206,13 +177,13 @@ def test_cublas_forward_for_training(layout, bias, dtype, monkeypatch):
     kernel."""
     from glu_fusion.ops import swiglu as swiglu_ops
 
-    import glu_fusion.kernels as kernels
+    from glu_fusion.kernels.portable import swiglu_gate as gate_kernel
 
     monkeypatch.setattr(swiglu_ops, "_CUBLAS_MIN_TOKENS", 1)
     monkeypatch.setattr(swiglu_ops, "_FORWARD_PLANS", swiglu_ops.PlanCache(swiglu_ops._build_forward_plan))
     calls = []
-    real = kernels.swiglu_gate
-    monkeypatch.setattr(kernels, "swiglu_gate", lambda *a: calls.append(1) or real(*a))
+    real = gate_kernel.swiglu_gate
+    monkeypatch.setattr(gate_kernel, "swiglu_gate", lambda *a: calls.append(1) or real(*a))
     problem = make_problem(layout, (3, 11), 40, 24, dtype, bias)
     check_against_float64(problem, TOLERANCE[dtype])
     assert calls, "the training call did not take the cuBLAS path"
@@ -223,7 +194,7 @@ def test_cublas_forward_for_training(layout, bias, dtype, monkeypatch):
 
 
 def test_tma_forward_writes_every_element():
-    from glu_fusion.kernels import swiglu_forward_tma
+    from glu_fusion.kernels.portable.swiglu_fwd_tma import swiglu_forward_tma
 
     _check_forward_writes_every_element(swiglu_forward_tma, 90, 64, 40)
 
@@ -232,7 +203,7 @@ def test_tma_forward_leaves_the_callers_triton_allocator():
     """The TMA forward sets Triton's allocator for its own launch only."""
     from triton.runtime import _allocation
 
-    from glu_fusion.kernels import swiglu_forward_tma
+    from glu_fusion.kernels.portable.swiglu_fwd_tma import swiglu_forward_tma
 
     def mine(size, alignment, stream):
         return torch.empty(size, dtype=torch.int8)

@@ -34,12 +34,11 @@ def sources_digest(paths: Iterable[str]) -> str:
 
 def settings_key() -> str:
     """Every setting that changes what a compiled graph contains, and nothing else: the user
-    settings ``config.cache_key()`` names, plus the SwiGLU backward's benchmark switch (it
-    changes the backward graph AOTAutograd traces through the op's autograd formula) and the
-    whole-block rewrite's (it changes what the pass writes)."""
-    from ..ops import swiglu as swiglu_ops
+    settings ``config.cache_key()`` names, plus the pattern switches that change what the pass
+    writes (the measured routing, the whole-block rewrite, the device types the norm and expert
+    rewrites cover)."""
     from ..patterns import experts as expert_patterns, rms_norm as norm_patterns, routing, swiglu as swiglu_patterns
-    return (f"{config.cache_key()};backward={swiglu_ops._BACKWARD};route={int(routing.ROUTE_BY_MEASUREMENT)};"
+    return (f"{config.cache_key()};route={int(routing.ROUTE_BY_MEASUREMENT)};"
             f"block={int(swiglu_patterns.REWRITE_BLOCK)};rms_norm={','.join(norm_patterns.REWRITE_DEVICE_TYPES)};"
             f"experts={','.join(expert_patterns.REWRITE_DEVICE_TYPES)}")
 

@@ -30,8 +30,7 @@ FORWARD_OP_FAMILY = {"swiglu": "swiglu", "swiglu_packed": "swiglu", "mlp_block":
                      "grouped_swiglu_packed": "experts", "rms_norm": "rms_norm",
                      "rms_norm_gated": "rms_norm_gated"}
 #: The ops a forward op's backward calls: part of that forward op's site, never a site of their own.
-BACKWARD_OPS = frozenset({"swiglu_preact", "swiglu_dx", "swiglu_dh", "swiglu_dh_inplace", "swiglu_dw",
-                          "swiglu_packed_dw", "weight_grad", "mlp_dgated", "mlp_dgated_inplace",
+BACKWARD_OPS = frozenset({"swiglu_preact", "swiglu_dh", "swiglu_dh_inplace", "mlp_dgated", "mlp_dgated_inplace",
                           "grouped_swiglu_dh", "grouped_swiglu_dx", "grouped_swiglu_dw",
                           "rms_norm_backward", "rms_norm_gated_backward"})
 

@@ -1,10 +1,19 @@
-"""Triton kernels: plain functions of tensors (no torch.library, no autograd here)."""
-from .rms_norm_gated import rms_norm_gated_backward, rms_norm_gated_forward
-from .swiglu_bwd import swiglu_gate_grad, swiglu_input_grad, swiglu_weight_grad
-from .swiglu_fwd import swiglu_forward
-from .swiglu_gate import swiglu_gate
-from .swiglu_fwd_tma import swiglu_forward_tma, tma_eligible
+"""Triton kernels: plain functions of tensors (no torch.library, no autograd, no settings read).
 
-__all__ = ["swiglu_forward", "swiglu_forward_tma", "swiglu_gate", "tma_eligible", "swiglu_gate_grad",
-           "swiglu_input_grad", "swiglu_weight_grad", "rms_norm_gated_forward",
-           "rms_norm_gated_backward"]
+::
+
+    kernels/
+      _launch.py    launch helpers every kernel shares: interpreter detection, tile tables,
+                    dot precision, LaunchPlan (a prepared launch of a compiled binary)
+      engine/       the Hopper GEMM engine (Gluon, sm_90): one persistent warp-specialised
+                    main loop and its schedules (mainloop), the epilogues (plain/bias, SwiGLU
+                    forward, dgated), one entry point per epilogue (kernels), descriptors and
+                    launches (host), the split weight gradient's reduction (reduce)
+      portable/     the tl.dot kernels for the CPU (Triton's interpreter) and GPUs other than
+                    Hopper: the SwiGLU forward (pointer and persistent TMA), the gate and the
+                    gate-grad elementwise kernels, the grouped expert kernels, and the
+                    elementwise helpers they share
+      norms/        RMSNorm with a residual add, and the gated RMSNorm
+
+The ops import a module where they launch it; importing this package imports no Triton.
+"""

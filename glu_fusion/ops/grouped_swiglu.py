@@ -92,7 +92,7 @@ def _forward(x, offsets, w_gate, w_up, b_gate, b_up, activation, alpha, limit, s
     check_offset_values(offsets, x.shape[0])
     t, n = x.shape[0], w_gate.shape[1]
     if use_gemm_kernels(x):
-        from ..kernels.grouped_gemm import grouped_swiglu_forward
+        from ..kernels.portable.grouped_gemm import grouped_swiglu_forward
         out = x.new_empty((t, n))
         preact = x.new_empty((t, 2 * n)) if save_preact else None
         grouped_swiglu_forward(x, offsets, w_gate, w_up, b_gate, b_up, out, preact,
@@ -158,7 +158,7 @@ def grouped_swiglu_dh(dout: Tensor, preact: Tensor, offsets: Tensor, activation:
     """``[dG | dU]`` [T, 2N]; zero on the padded tail."""
     t, n = dout.shape
     if use_gemm_kernels(dout):
-        from ..kernels.grouped_gate import grouped_gate_grad
+        from ..kernels.portable.grouped_gate import grouped_gate_grad
         dh = preact.new_empty((t, 2 * n))
         grouped_gate_grad(dout, preact, offsets, dh, ACTIVATION_CODES[activation], alpha, limit)
         return dh
@@ -176,7 +176,7 @@ def _(dout, preact, offsets, activation, alpha, limit):
 @torch.library.custom_op("glu_fusion::grouped_swiglu_dx", mutates_args=())
 def grouped_swiglu_dx(dh: Tensor, offsets: Tensor, w_gate: Tensor, w_up: Tensor) -> Tensor:
     if use_gemm_kernels(dh):
-        from ..kernels.grouped_gemm import grouped_input_grad
+        from ..kernels.portable.grouped_gemm import grouped_input_grad
         dx = dh.new_empty((dh.shape[0], w_gate.shape[2]))
         grouped_input_grad(dh, offsets, w_gate, w_up, dx, allow_tf32())
         return dx
@@ -195,7 +195,7 @@ def grouped_swiglu_dw(dh: Tensor, x: Tensor, offsets: Tensor, layout: int, want_
     dweight = x.new_empty((e, n2, k)) if want_weight else None
     dbias = x.new_empty((e, n2)) if want_bias else None
     if use_gemm_kernels(x):
-        from ..kernels.grouped_gemm import grouped_weight_grad
+        from ..kernels.portable.grouped_gemm import grouped_weight_grad
         dw_gate, dw_up = expert_views(dweight, layout) if want_weight else (None, None)
         db_gate, db_up = expert_views(dbias, layout) if want_bias else (None, None)
         grouped_weight_grad(dh, x, offsets, dw_gate, dw_up, db_gate, db_up, allow_tf32())

@@ -5,16 +5,16 @@ Ops (namespace ``glu_fusion``):
 * ``mlp_block(x, w_gate, w_up, b_gate, b_up, w_down, b_down, save_preact) -> (out, preact)``
 * ``mlp_block_packed(x, weight, bias, layout, w_down, b_down, save_preact) -> (out, preact)``
 * ``mlp_dgated(dout, preact, w_down, layout) -> (dh, h)``: the down projection's input-grad
-  GEMM ``dOut·Wd`` with the SwiGLU backward in its epilogue: ``dH = [dG | dU]`` placed as
-  ``layout`` places the gate and up rows, and ``h = silu(g)·u`` recomputed for ``dWd``.  The
-  gradient of ``h`` never reaches memory.
+  GEMM ``dOut·Wd`` followed by the SwiGLU backward: ``dH = [dG | dU]`` placed as ``layout``
+  places the gate and up rows, and ``h = silu(g)·u`` recomputed for ``dWd``.  On Hopper the
+  engine runs the gate's backward in the GEMM's epilogue (the gradient of ``h`` never reaches
+  memory); elsewhere the GEMM (cuBLAS on the GPU) is followed by one elementwise pass.
 * ``mlp_dgated_inplace(dout, preact!, w_down) -> h``: the same, ``dH`` written over ``preact``
   (for backward passes that own it).
 
 Why a block op: the SwiGLU op alone saves its output ``h`` for the down projection's weight
-grad and leaves ``dh`` to a GEMM and an elementwise pass.  The block saves only the
-pre-activations (``h`` is recomputed in the backward GEMM's epilogue: ``[M, N]`` less memory per
-layer) and never writes ``dh``.  The forward runs the SwiGLU forward's routes, then the down
+grad.  The block saves only the pre-activations (``h`` is recomputed with the gate's backward:
+``[M, N]`` less memory per layer).  The forward runs the SwiGLU forward's routes, then the down
 projection (cuBLAS on the GPU).
 """
 from __future__ import annotations
@@ -27,10 +27,9 @@ from torch import Tensor
 
 from ..layouts import CONCAT_GATE_FIRST
 from .autocast import register_autocast_follow, register_autocast_passthrough
-from .dispatch import allow_tf32, check_same, register_cuda_fast_path, rows_2d, use_gemm_kernels
+from .dispatch import check_same, register_cuda_fast_path, rows_2d
 from .graph_twins import register_graph_twins
 from . import swiglu as swiglu_ops
-from .plan_cache import PlanCache, plans_enabled, tensor_key
 from .swiglu import (_check_forward, check_packed, _dh_halves, _forward, _gate_grad_into,
                      _preact_halves, grads_from_dh, packed_views)
 
@@ -89,22 +88,7 @@ def _(x, weight, bias, layout, w_down, b_down, save_preact):
     return _fake_block(x, w_gate, w_up, b_gate, b_up, w_down, b_down, save_preact)
 
 
-# --- the backward GEMM with the gate's backward in its epilogue ----------------------------------
-
-#: The fused backward GEMM (Triton, persistent TMA, the gate's backward in its epilogue).  Off by
-#: default: on the H200 it ran at 0.68-0.73x the speed of cuBLAS's GEMM followed by one
-#: elementwise pass for dG, dU and h (benchmarks/NOTES.md, "GEMM kernels"); the benchmarks
-#: switch it on to compare.
-FUSED_DGATED = False
-
-def _fused_dgated_serves(dout2d: Tensor, w_down: Tensor, *outputs: Optional[Tensor]) -> bool:
-    """The fused kernel needs the Triton kernels for this device, operands the copy engine can
-    address, and a non-empty GEMM; everything else takes the GEMM + elementwise route."""
-    if not FUSED_DGATED or not use_gemm_kernels(dout2d) or dout2d.shape[0] == 0 or dout2d.shape[1] == 0:
-        return False
-    from ..kernels import tma_eligible
-    return tma_eligible(dout2d, w_down, *outputs)
-
+# --- the down projection's input-grad GEMM and the gate's backward --------------------------------
 
 def _engine_dgated_serves(dout2d: Tensor, w_down: Tensor, *outputs: Optional[Tensor]) -> bool:
     """The Hopper engine's dgated GEMM: 1.10-2.0x cuBLAS's ``dOut·Wd`` plus the elementwise
@@ -118,15 +102,13 @@ def _engine_dgated_serves(dout2d: Tensor, w_down: Tensor, *outputs: Optional[Ten
 
 def _dgated_into(dout2d: Tensor, preact: Tensor, w_down: Tensor, d_g: Tensor, d_u: Tensor,
                  h: Optional[Tensor]) -> None:
-    """Write dG, dU (which may be the halves of ``preact`` itself) and, when given, ``h``."""
+    """Write dG, dU (which may be the halves of ``preact`` itself) and, when given, ``h``: the
+    engine's GEMM with the gate's backward in its epilogue on Hopper, elsewhere the GEMM
+    ``dOut·Wd`` (cuBLAS on the GPU) and one elementwise pass."""
     g, u = _preact_halves(preact)
     if _engine_dgated_serves(dout2d, w_down, g, u, d_g, d_u, h):
         from ..kernels.engine.host import dgated
         dgated(dout2d, w_down, g, u, d_g, d_u, h)
-        return
-    if _fused_dgated_serves(dout2d, w_down, g, u, d_g, d_u, h):
-        from ..kernels.mlp_dgated import mlp_dgated as launch
-        launch(dout2d, w_down, g, u, d_g, d_u, h, allow_tf32())
         return
     _gate_grad_into(dout2d @ w_down, preact, d_g, d_u, h)
 
@@ -140,31 +122,7 @@ def _check_dgated(dout: Tensor, preact: Tensor, w_down: Tensor) -> None:
     check_same("preact", preact, [("dout", dout), ("w_down", w_down)])
 
 
-def _build_dgated_plan(dout: Tensor, preact: Tensor, w_down: Tensor, d_g: Tensor, d_u: Tensor,
-                       h: Tensor):
-    """The fused kernel's launch for this argument signature, checked and built once; None: the
-    general path."""
-    _check_dgated(dout, preact, w_down)
-    g, u = _preact_halves(preact)
-    if not _fused_dgated_serves(dout, w_down, g, u, d_g, d_u, h):
-        return None
-    from ..kernels.mlp_dgated import dgated_plan
-    return dgated_plan(dout, w_down, g, u, d_g, d_u, h, allow_tf32())
-
-
-_DGATED_PLANS = PlanCache(_build_dgated_plan)
-
-
-def _dgated(dout: Tensor, preact: Tensor, w_down: Tensor, d_g: Tensor, d_u: Tensor, h: Tensor,
-            key) -> None:
-    """``_dgated_into`` through a cached launch where the fused kernel serves this signature."""
-    g, u = _preact_halves(preact)
-    if plans_enabled(dout) and not (dout.data_ptr() | w_down.data_ptr() | preact.data_ptr()) & 15:
-        plan = _DGATED_PLANS.get((key, FUSED_DGATED, torch.get_float32_matmul_precision()),
-                                 dout, preact, w_down, d_g, d_u, h)
-        if plan is not None:
-            plan(dout, w_down, g, u, d_g, d_u, h)
-            return
+def _dgated(dout: Tensor, preact: Tensor, w_down: Tensor, d_g: Tensor, d_u: Tensor, h: Tensor) -> None:
     _check_dgated(dout, preact, w_down)
     _dgated_into(dout, preact, w_down, d_g, d_u, h)
 
@@ -174,8 +132,7 @@ def mlp_dgated(dout: Tensor, preact: Tensor, w_down: Tensor, layout: int) -> tup
     m, n = preact.shape[0], preact.shape[1] // 2
     dh = preact.new_empty((m, 2 * n))
     h = preact.new_empty((m, n))
-    key = (tensor_key(dout), tensor_key(preact), tensor_key(w_down), layout)
-    _dgated(dout, preact, w_down, *_dh_halves(dh, layout), h, key)
+    _dgated(dout, preact, w_down, *_dh_halves(dh, layout), h)
     return dh, h
 
 
@@ -189,8 +146,7 @@ def _(dout, preact, w_down, layout):
 def mlp_dgated_inplace(dout: Tensor, preact: Tensor, w_down: Tensor) -> Tensor:
     """``mlp_dgated`` with ``dH = [dG | dU]`` written over ``preact``; returns ``h``."""
     h = preact.new_empty((preact.shape[0], preact.shape[1] // 2))
-    key = (tensor_key(dout), tensor_key(preact), tensor_key(w_down), "inplace")
-    _dgated(dout, preact, w_down, *_preact_halves(preact), h, key)
+    _dgated(dout, preact, w_down, *_preact_halves(preact), h)
     return h
 
 

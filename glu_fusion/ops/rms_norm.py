@@ -48,7 +48,7 @@ from .graph_twins import register_graph_twins
 from .plan_cache import PlanCache, plans_enabled, tensor_key
 
 DOWNCASTS = ("none", "before_weight", "after_weight")
-_MAX_KERNEL_D = 32768  # mirrors kernels.rms_norm.MAX_D, without importing Triton
+_MAX_KERNEL_D = 32768  # mirrors kernels.norms.rms_norm.MAX_D, without importing Triton
 
 #: Calls with at most this many rows take the one-row-per-program launch.  Unmeasured on the
 #: GPU: engines switch between 1 and 64 rows; set from benchmarks/bench_norms.py.
@@ -112,7 +112,7 @@ def rms_norm(x: Tensor, weight: Optional[Tensor], residual: Optional[Tensor], ep
         y, h, rstd = reference.rms_norm(x, weight, residual, eps, weight_offset, downcast)
         h = h.contiguous() if residual is not None else empty_like_nothing(x)
         return y.contiguous(), h, rstd.contiguous()
-    from ..kernels import rms_norm as kernels
+    from ..kernels.norms import rms_norm as kernels
     y = torch.empty(x.shape, device=x.device, dtype=x.dtype)
     h = torch.empty(x.shape, device=x.device, dtype=x.dtype) if residual is not None else None
     rstd = torch.empty(x.shape[:-1], device=x.device, dtype=torch.float32)
@@ -126,7 +126,7 @@ def _build_forward_plan(x, weight, residual, eps, weight_offset, downcast):
     _check(x, weight, residual, eps, downcast)
     if not _kernels_serve(x) or x.numel() == 0:
         return None
-    from ..kernels import rms_norm as kernels
+    from ..kernels.norms import rms_norm as kernels
     launch = kernels.forward_plan(x, weight, residual, eps, weight_offset,
                                   *_rounding_flags(x, weight, weight_offset, downcast), _per_row(_rows(x)))
     if launch is None:
@@ -169,7 +169,7 @@ def rms_norm_backward(dy: Tensor, dh: Optional[Tensor], h: Tensor, weight: Optio
     if not _kernels_serve(h):
         dx, dw = reference.rms_norm_backward(dy, dh, h, weight, rstd, weight_offset)
     else:
-        from ..kernels import rms_norm as kernels
+        from ..kernels.norms import rms_norm as kernels
         dx = torch.empty(h.shape, device=h.device, dtype=h.dtype)
         dw = kernels.rms_norm_backward(dy, dh, h, weight, rstd, dx, need_weight, weight_offset)
         if dw is not None:
@@ -181,7 +181,7 @@ def _build_backward_plan(dy, dh, h, weight, weight_offset, need_weight):
     """The backward's host work for this argument signature, done once; None: general path."""
     if not _kernels_serve(h) or h.numel() == 0:
         return None
-    from ..kernels import rms_norm as kernels
+    from ..kernels.norms import rms_norm as kernels
     planned = kernels.backward_plan(dy, dh, h, weight, need_weight, weight_offset)
     if planned is None:
         return None

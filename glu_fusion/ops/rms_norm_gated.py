@@ -106,12 +106,12 @@ def _check(x: Tensor, z: Tensor, weight: Optional[Tensor], eps: float, group_siz
 def _kernels_serve(x: Tensor, group_size: Optional[int]) -> bool:
     if not use_kernels(x):
         return False
-    from ..kernels.rms_norm_gated import MAX_GROUP
+    from ..kernels.norms.rms_norm_gated import MAX_GROUP
     return _group(x.shape[-1], group_size) <= MAX_GROUP
 
 
 def _activation_code(activation: str) -> int:
-    from ..kernels import rms_norm_gated as kernels
+    from ..kernels.norms import rms_norm_gated as kernels
     return {"silu": kernels.ACT_SILU, "sigmoid": kernels.ACT_SIGMOID}[activation]
 
 
@@ -137,7 +137,7 @@ def rms_norm_gated(x: Tensor, z: Tensor, weight: Optional[Tensor], eps: float,
         y, rstd = reference.rms_norm_gated(x, z, weight, eps, group_size, norm_before_gate, activation,
                                            weight_offset, downcast, gate_in_input_dtype)
         return y.contiguous(), rstd.contiguous()
-    from ..kernels import rms_norm_gated as kernels
+    from ..kernels.norms import rms_norm_gated as kernels
     y = torch.empty(x.shape, device=x.device, dtype=x.dtype)
     rstd = torch.empty(_rstd_shape(x, group_size), device=x.device, dtype=torch.float32)
     kernels.rms_norm_gated_forward(x, z, weight, y, rstd, *_forward_flags(
@@ -153,7 +153,7 @@ def _rstd_shape(x: Tensor, group_size: Optional[int]) -> tuple:
 def _forward_flags(x, weight, eps, group_size, norm_before_gate, activation, weight_offset, downcast,
                    gate_in_input_dtype) -> tuple:
     """The forward kernel's arguments after ``rstd``, from the op's."""
-    from ..kernels import rms_norm_gated as kernels
+    from ..kernels.norms import rms_norm_gated as kernels
     mode = {"none": kernels.DOWNCAST_NONE, "before_weight": kernels.DOWNCAST_BEFORE_WEIGHT,
             "after_weight": kernels.DOWNCAST_AFTER_WEIGHT}[downcast]
     round_weighted = mode == kernels.DOWNCAST_AFTER_WEIGHT or (
@@ -170,7 +170,7 @@ def _build_forward_plan(x, z, weight, eps, group_size, norm_before_gate, activat
     _check(x, z, weight, eps, group_size, activation, downcast)
     if not _kernels_serve(x, group_size) or x.numel() == 0:
         return None
-    from ..kernels import rms_norm_gated as kernels
+    from ..kernels.norms import rms_norm_gated as kernels
     shape, rstd_shape, device, dtype = x.shape, _rstd_shape(x, group_size), x.device, x.dtype
     launch = kernels.forward_plan(x, z, weight, torch.empty(shape, device=device, dtype=dtype), *_forward_flags(
         x, weight, eps, group_size, norm_before_gate, activation, weight_offset, downcast, gate_in_input_dtype))
@@ -215,7 +215,7 @@ def rms_norm_gated_backward(dy: Tensor, x: Tensor, z: Tensor, weight: Optional[T
         dx, dz, dw = reference.rms_norm_gated_backward(dy, x, z, weight, rstd, group_size,
                                                        norm_before_gate, activation, weight_offset)
     else:
-        from ..kernels import rms_norm_gated as kernels
+        from ..kernels.norms import rms_norm_gated as kernels
         dx = torch.empty(x.shape, device=x.device, dtype=x.dtype) if need_x else None
         dz = torch.empty(x.shape, device=x.device, dtype=x.dtype) if need_z else None
         dw = kernels.rms_norm_gated_backward(
@@ -233,7 +233,7 @@ def _build_backward_plan(dy, x, z, weight, group_size, norm_before_gate, activat
     """The backward's host work for this argument signature, done once; None: general path."""
     if not _kernels_serve(x, group_size) or x.numel() == 0:
         return None
-    from ..kernels import rms_norm_gated as kernels
+    from ..kernels.norms import rms_norm_gated as kernels
     shape, device, dtype, d = x.shape, x.device, x.dtype, x.shape[-1]
     planned = kernels.backward_plan(dy, x, z, weight, torch.empty(shape, device=device, dtype=dtype),
                                     need_x, need_z, need_weight, _group(d, group_size), norm_before_gate,

@@ -7,12 +7,10 @@ Ops (namespace ``glu_fusion``), all functional but one:
   weight read in place through the views ``LAYOUTS`` describes; its gradient comes back packed.
 * ``swiglu_preact(x, w_gate, w_up, b_gate, b_up) -> preact``: the pre-activations alone (two
   GEMMs), which a recomputing backward needs.
-* ``swiglu_dx(dout, preact, w_gate, w_up) -> dx``: the input gradient.
-* ``swiglu_dh(dout, preact, layout) -> dh``: the gate's backward alone, for the GEMM backward.
+* ``swiglu_dh(dout, preact, layout) -> dh``: the gate's backward alone; the backward's GEMMs
+  (``dX = dH·W``, ``dW = dHᵀ·x``) are plain torch calls (cuBLAS on the GPU).
 * ``swiglu_dh_inplace(dout, preact!)``: the same, written over ``preact`` (the one op that
   mutates: for backward passes that own the pre-activations).
-* ``swiglu_dw(dout, preact, x, want_bias) -> (dw_gate, dw_up, db_gate, db_up)``
-* ``swiglu_packed_dw(dout, preact, x, layout, want_bias) -> (dweight, dbias)``
 
 ``preact`` is ``[M, 2N]`` = ``[g | u]`` (each rounded to x's dtype, as eager rounds the two
 linear outputs), or an empty tensor when ``save_preact`` is false: backward then recomputes it
@@ -33,7 +31,6 @@ from .autocast import register_autocast_follow, register_autocast_passthrough
 from .dispatch import allow_tf32, check_same, empty_like_nothing, register_cuda_fast_path, rows_2d, use_gemm_kernels
 from .graph_twins import register_graph_twins
 from .plan_cache import PlanCache, plans_enabled, tensor_key
-from .weight_grad import weight_grad
 
 
 def _env_choice(name: str, default: str, allowed: tuple[str, ...]) -> str:
@@ -50,11 +47,8 @@ def _env_choice(name: str, default: str, allowed: tuple[str, ...]) -> str:
 # Benchmark A/B switches (not user settings; benchmarks/NOTES.md has the measurements):
 # ``GLU_FUSION_FORWARD=fused`` makes training calls from ``_CUBLAS_MIN_TOKENS`` tokens up use the
 # fused GEMM-with-gate kernel instead of two cuBLAS GEMMs plus the gate kernel (``auto``);
-# ``GLU_FUSION_BACKWARD=fused`` runs the input-grad and 3D-tiled weight-grad Triton kernels instead
-# of the gate-grad kernel plus cuBLAS GEMMs (``gemm``; 5-6x faster at large shapes on the H100);
 # ``GLU_FUSION_TMA=0`` keeps the pointer forward kernel where the TMA kernel would run.
 _FORWARD: str = _env_choice("GLU_FUSION_FORWARD", "auto", ("auto", "fused"))
-_BACKWARD: str = _env_choice("GLU_FUSION_BACKWARD", "gemm", ("gemm", "fused"))
 _FORWARD_TMA: bool = _env_choice("GLU_FUSION_TMA", "1", ("1", "0")) == "1"
 # ``GLU_FUSION_ENGINE=0`` keeps the Triton kernels where the Hopper engine would run.
 _ENGINE: bool = _env_choice("GLU_FUSION_ENGINE", "1", ("1", "0")) == "1"
@@ -155,7 +149,7 @@ def _route(x2d: Tensor, w_gate: Tensor, w_up: Tensor, out: Optional[Tensor], pre
     if save_preact and _FORWARD == "auto" and m >= _CUBLAS_MIN_TOKENS and k > 0:
         return "cublas"
     if _FORWARD_TMA and m >= _TMA_MIN_TOKENS and k > 0:
-        from ..kernels import tma_eligible
+        from ..kernels.portable.swiglu_fwd_tma import tma_eligible
         n = w_gate.shape[0]
         halves = (preact[:, :n], preact[:, n:]) if preact is not None else ()
         if tma_eligible(x2d, w_gate, w_up, out, *halves):
@@ -187,7 +181,8 @@ def _forward(x: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Optional[Tensor],
         elif route == "cublas":
             _forward_cublas(x2d, w_gate, w_up, b_gate, b_up, out, preact)
         else:
-            from ..kernels import swiglu_forward, swiglu_forward_tma
+            from ..kernels.portable.swiglu_fwd import swiglu_forward
+            from ..kernels.portable.swiglu_fwd_tma import swiglu_forward_tma
             launch = swiglu_forward_tma if route == "tma" else swiglu_forward
             launch(x2d, w_gate, w_up, b_gate, b_up, out, preact, allow_tf32())
     else:
@@ -210,7 +205,7 @@ def _forward_cublas(x2d: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Optional[
                     b_up: Optional[Tensor], out: Tensor, preact: Tensor) -> None:
     """Training forward: cuBLAS writes g and u straight into the saved pre-activations (as
     ``F.linear`` rounds them), then one elementwise kernel writes ``silu(g)·u``."""
-    from ..kernels import swiglu_gate
+    from ..kernels.portable.swiglu_gate import swiglu_gate
     _projections_into(x2d, w_gate, w_up, b_gate, b_up, preact)
     swiglu_gate(*_preact_halves(preact), out)
 
@@ -266,9 +261,9 @@ def _build_forward_plan(x: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Optiona
             return out.reshape(out_shape), preact
         return run_cublas
 
-    from ..kernels.swiglu_fwd import forward_operands, forward_plan
+    from ..kernels.portable.swiglu_fwd import forward_operands, forward_plan
     if route == "tma":
-        from ..kernels.swiglu_fwd_tma import tma_forward_plan
+        from ..kernels.portable.swiglu_fwd_tma import tma_forward_plan
         launch_tma = tma_forward_plan(x2d, w_gate, w_up, b_gate, b_up, out, preact, allow_tf32())
 
         def run_tma(x, w_gate, w_up, b_gate, b_up):
@@ -361,26 +356,6 @@ def _preact_halves(preact: Tensor) -> tuple[Tensor, Tensor]:
     return preact[:, :n], preact[:, n:]
 
 
-@torch.library.custom_op("glu_fusion::swiglu_dx", mutates_args=())
-def swiglu_dx(dout: Tensor, preact: Tensor, w_gate: Tensor, w_up: Tensor) -> Tensor:
-    n, k = w_gate.shape
-    dout2d = rows_2d(dout, n)
-    g, u = _preact_halves(preact)
-    if use_gemm_kernels(dout):
-        from ..kernels import swiglu_input_grad
-        dx = torch.empty((dout2d.shape[0], k), device=dout.device, dtype=dout.dtype)
-        swiglu_input_grad(dout2d, g, u, w_gate, w_up, dx, allow_tf32())
-    else:
-        d_g, d_u = reference.swiglu_grad_preact(dout2d, g, u)
-        dx = d_g @ w_gate + d_u @ w_up
-    return dx.reshape(*dout.shape[:-1], k)
-
-
-@swiglu_dx.register_fake
-def _(dout, preact, w_gate, w_up):
-    return dout.new_empty((*dout.shape[:-1], w_gate.shape[1]))
-
-
 @torch.library.custom_op("glu_fusion::swiglu_dh", mutates_args=())
 def swiglu_dh(dout: Tensor, preact: Tensor, layout: int) -> Tensor:
     """The gate's backward ``dH`` [M, 2N], its dG and dU columns placed as ``layout`` places
@@ -403,7 +378,7 @@ def _gate_grad_into(dout: Tensor, preact: Tensor, d_g_out: Tensor, d_u_out: Tens
     dout2d = rows_2d(dout, n)
     g, u = _preact_halves(preact)
     if use_gemm_kernels(dout):
-        from ..kernels import swiglu_gate_grad
+        from ..kernels.portable.swiglu_gate_grad import swiglu_gate_grad
         swiglu_gate_grad(dout2d, g, u, d_g_out, d_u_out, h_out)
     else:
         if h_out is not None:
@@ -422,7 +397,7 @@ def _build_dh_plan(dout: Tensor, preact: Tensor, layout: int):
     """``swiglu_dh``'s host work for this signature, done once; None: general path."""
     if not use_gemm_kernels(dout):
         return None
-    from ..kernels.swiglu_bwd import gate_grad_plan
+    from ..kernels.portable.swiglu_gate_grad import gate_grad_plan
     n = preact.shape[1] // 2
     dout2d = rows_2d(dout, n)
     m = dout2d.shape[0]
@@ -476,7 +451,7 @@ def _build_dh_inplace_plan(dout: Tensor, preact: Tensor):
     _check_dh_inplace(dout, preact)
     if not use_gemm_kernels(dout):
         return None
-    from ..kernels.swiglu_bwd import gate_grad_plan
+    from ..kernels.portable.swiglu_gate_grad import gate_grad_plan
     n = preact.shape[1] // 2
     dout2d = rows_2d(dout, n)
     if dout2d.shape[0] == 0 or n == 0 or dout2d.data_ptr() != dout.data_ptr():
@@ -498,68 +473,11 @@ def _(dout, preact):
     _check_dh_inplace(dout, preact)
 
 
-def _weight_grad_into(dout: Tensor, preact: Tensor, x: Tensor, dw_gate: Tensor, dw_up: Tensor,
-                      db_gate: Optional[Tensor], db_up: Optional[Tensor]) -> None:
-    """Write dWg, dWu (and the bias grads) into the given, possibly strided, outputs."""
-    n, k = dw_gate.shape
-    dout2d, x2d = rows_2d(dout, n), rows_2d(x, k)
-    g, u = _preact_halves(preact)
-    if use_gemm_kernels(dout):
-        from ..kernels import swiglu_weight_grad
-        swiglu_weight_grad(dout2d, g, u, x2d, dw_gate, dw_up, db_gate, db_up, allow_tf32())
-        return
-    d_g, d_u = reference.swiglu_grad_preact(dout2d, g, u)
-    dw_gate.copy_(d_g.t() @ x2d)
-    dw_up.copy_(d_u.t() @ x2d)
-    if db_gate is not None:
-        db_gate.copy_(reference.upcast(d_g).sum(0))
-        db_up.copy_(reference.upcast(d_u).sum(0))
-
-
-@torch.library.custom_op("glu_fusion::swiglu_dw", mutates_args=())
-def swiglu_dw(dout: Tensor, preact: Tensor, x: Tensor,
-              want_bias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    n, k = dout.shape[-1], x.shape[-1]
-    dw_gate = x.new_empty((n, k))
-    dw_up = x.new_empty((n, k))
-    db_gate = x.new_empty((n,)) if want_bias else None
-    db_up = x.new_empty((n,)) if want_bias else None
-    _weight_grad_into(dout, preact, x, dw_gate, dw_up, db_gate, db_up)
-    if not want_bias:
-        db_gate, db_up = empty_like_nothing(x), empty_like_nothing(x)
-    return dw_gate, dw_up, db_gate, db_up
-
-
-@swiglu_dw.register_fake
-def _(dout, preact, x, want_bias):
-    n, k = dout.shape[-1], x.shape[-1]
-    nb = n if want_bias else 0
-    return x.new_empty((n, k)), x.new_empty((n, k)), x.new_empty((nb,)), x.new_empty((nb,))
-
-
-@torch.library.custom_op("glu_fusion::swiglu_packed_dw", mutates_args=())
-def swiglu_packed_dw(dout: Tensor, preact: Tensor, x: Tensor, layout: int,
-                     want_bias: bool) -> tuple[Tensor, Tensor]:
-    n, k = dout.shape[-1], x.shape[-1]
-    dweight = x.new_empty((2 * n, k))
-    dbias = x.new_empty((2 * n,)) if want_bias else None
-    dw_gate, dw_up = packed_views(dweight, layout)
-    db_gate, db_up = packed_views(dbias, layout) if want_bias else (None, None)
-    _weight_grad_into(dout, preact, x, dw_gate, dw_up, db_gate, db_up)
-    return dweight, (dbias if want_bias else empty_like_nothing(x))
-
-
-@swiglu_packed_dw.register_fake
-def _(dout, preact, x, layout, want_bias):
-    n, k = dout.shape[-1], x.shape[-1]
-    return x.new_empty((2 * n, k)), x.new_empty((2 * n if want_bias else 0,))
-
-
 # --- autograd -----------------------------------------------------------------------------------
 
 def _gemm_backward(dout: Tensor, preact: Tensor, x: Tensor, weights: tuple, layout: int,
                    need_x: bool, need_w: bool, need_b: bool, owns_preact: bool = False):
-    """Backward through one elementwise kernel and plain GEMMs (``_BACKWARD == "gemm"``).
+    """Backward through one elementwise kernel and plain GEMMs.
 
     ``weights`` is ``(weight,)`` for a packed weight or ``(w_gate, w_up)``; returns dx, the
     weight grads in the same form, and the bias grads (or Nones).  ``owns_preact``: nothing
@@ -575,7 +493,11 @@ def _gemm_backward(dout: Tensor, preact: Tensor, x: Tensor, weights: tuple, layo
 
 def grads_from_dh(dh: Tensor, x: Tensor, weights: tuple, need_x: bool, need_w: bool, need_b: bool):
     """dx, the weight grads and the bias grads (each a tuple shaped like ``weights``, or None)
-    from ``dH`` laid out as the weights' rows: plain GEMMs and column sums."""
+    from ``dH`` laid out as the weights' rows: plain GEMMs and column sums.
+
+    The weight gradient ``dHᵀ·x`` is one GEMM (cuBLAS on the GPU).  The Hopper engine's
+    split-reduction weight gradient (``kernels.engine.host.matmul(..., splits=)``) is the
+    candidate for it once measured against cuBLAS."""
     x2d = rows_2d(x)
     dx = dws = dbs = None
     n = dh.shape[1] // 2
@@ -585,7 +507,8 @@ def grads_from_dh(dh: Tensor, x: Tensor, weights: tuple, need_x: bool, need_w: b
         else:
             dx = torch.addmm(dh[:, :n] @ weights[0], dh[:, n:], weights[1]).reshape(x.shape)
     if need_w or need_b:
-        dw, db = weight_grad(dh, x2d, need_b)  # one GEMM over [dG | dU] for both halves
+        dw = dh.t() @ x2d  # one GEMM over [dG | dU] for both halves
+        db = dh.sum(0) if need_b else None
         if need_w:
             dws = (dw,) if len(weights) == 1 else (dw[:n], dw[n:])
         if need_b:
@@ -614,19 +537,10 @@ def _swiglu_backward(ctx, dout, _dpreact):
     recomputed = preact is None
     if recomputed:
         preact = torch.ops.glu_fusion.swiglu_preact(x, w_gate, w_up, b_gate, b_up)
-    if _BACKWARD == "gemm":
-        need_b = ctx.has_bias and (need_bg or need_bu)
-        dx, dws, dbs = _gemm_backward(dout, preact, x, (w_gate, w_up), CONCAT_GATE_FIRST,
-                                      need_x, need_wg or need_wu, need_b, owns_preact=recomputed)
-        return (dx, *(dws or (None, None)), *(dbs or (None, None)), None)
-    dx = torch.ops.glu_fusion.swiglu_dx(dout, preact, w_gate, w_up) if need_x else None
-    dwg = dwu = dbg = dbu = None
-    if need_wg or need_wu or need_bg or need_bu:
-        want_bias = ctx.has_bias and (need_bg or need_bu)
-        dwg, dwu, dbg, dbu = torch.ops.glu_fusion.swiglu_dw(dout, preact, x, want_bias)
-        if not want_bias:
-            dbg = dbu = None
-    return dx, dwg, dwu, dbg, dbu, None
+    need_b = ctx.has_bias and (need_bg or need_bu)
+    dx, dws, dbs = _gemm_backward(dout, preact, x, (w_gate, w_up), CONCAT_GATE_FIRST,
+                                  need_x, need_wg or need_wu, need_b, owns_preact=recomputed)
+    return (dx, *(dws or (None, None)), *(dbs or (None, None)), None)
 
 
 swiglu.register_autograd(_swiglu_backward, setup_context=_swiglu_setup)
@@ -647,28 +561,17 @@ def _swiglu_packed_backward(ctx, dout, _dpreact):
         w_gate, w_up = packed_views(weight, ctx.layout)
         b_gate, b_up = packed_views(bias, ctx.layout) if bias is not None else (None, None)
         preact = torch.ops.glu_fusion.swiglu_preact(x, w_gate, w_up, b_gate, b_up)
-    if _BACKWARD == "gemm":
-        dx, dws, dbs = _gemm_backward(dout, preact, x, (weight,), ctx.layout, need_x, need_w,
-                                      ctx.has_bias and need_b, owns_preact=recomputed)
-        return dx, (dws or (None,))[0], (dbs or (None,))[0], None, None
-    dx = dweight = dbias = None
-    if need_x:
-        w_gate, w_up = packed_views(weight, ctx.layout)
-        dx = torch.ops.glu_fusion.swiglu_dx(dout, preact, w_gate, w_up)
-    if need_w or need_b:
-        want_bias = ctx.has_bias and need_b
-        dweight, dbias = torch.ops.glu_fusion.swiglu_packed_dw(dout, preact, x, ctx.layout, want_bias)
-        if not want_bias:
-            dbias = None
-    return dx, dweight, dbias, None, None
+    dx, dws, dbs = _gemm_backward(dout, preact, x, (weight,), ctx.layout, need_x, need_w,
+                                  ctx.has_bias and need_b, owns_preact=recomputed)
+    return dx, (dws or (None,))[0], (dbs or (None,))[0], None, None
 
 
 swiglu_packed.register_autograd(_swiglu_packed_backward, setup_context=_swiglu_packed_setup)
 
-for _name in ("swiglu", "swiglu_packed", "swiglu_preact", "swiglu_dx", "swiglu_dh", "swiglu_dw", "swiglu_packed_dw"):
+for _name in ("swiglu", "swiglu_packed", "swiglu_preact", "swiglu_dh"):
     register_autocast_follow(_name)
 # Casting would write the gradient into a copy: the in-place op runs on the dtypes it is given.
 register_autocast_passthrough("swiglu_dh_inplace")
-_ALL_OPS = (swiglu, swiglu_packed, swiglu_preact, swiglu_dx, swiglu_dh, swiglu_dh_inplace, swiglu_dw, swiglu_packed_dw)
+_ALL_OPS = (swiglu, swiglu_packed, swiglu_preact, swiglu_dh, swiglu_dh_inplace)
 register_cuda_fast_path(*_ALL_OPS)
 register_graph_twins(*_ALL_OPS)

@@ -10,7 +10,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._elementwise import elementwise_plan, tile_2d
-from ._launch import LaunchPlan
+from .._launch import LaunchPlan
 
 
 @triton.jit

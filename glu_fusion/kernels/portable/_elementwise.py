@@ -5,7 +5,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._launch import LaunchPlan, interpreting
+from .._launch import LaunchPlan, interpreting
 
 
 @triton.jit

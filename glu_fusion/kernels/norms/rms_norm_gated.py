@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._launch import LaunchPlan, interpreting, multiprocessors
+from .._launch import LaunchPlan, interpreting, multiprocessors
 
 ACT_SILU = 0
 ACT_SIGMOID = 1

@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._launch import LaunchPlan, interpreting
+from .._launch import LaunchPlan, interpreting
 from .rms_norm_gated import (BWD_TILE_ELEMENTS, BWD_TILE_ELEMENTS_BY_WIDTH, FWD_TILE_ELEMENTS, _keywords,
                              _merged_stride, _programs, _tile)
 

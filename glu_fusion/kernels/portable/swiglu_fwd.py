@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._launch import LaunchPlan, interpreting, precision, tile_config
+from .._launch import LaunchPlan, interpreting, precision, tile_config
 
 
 @triton.jit

@@ -17,7 +17,7 @@ import triton.language as tl
 from torch import Tensor
 from triton.runtime._allocation import _allocator
 
-from ._launch import LaunchPlan, interpreting, multiprocessors, precision
+from .._launch import LaunchPlan, interpreting, multiprocessors, precision
 from .swiglu_fwd import _swizzle, forward_operands
 
 

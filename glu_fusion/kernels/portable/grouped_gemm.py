@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._launch import interpreter_quiet, interpreting, multiprocessors, precision
+from .._launch import interpreter_quiet, interpreting, multiprocessors, precision
 
 
 # --- the device-built work list ------------------------------------------------------------------
