@@ -150,7 +150,7 @@ def test_fp32_sums_of_half_weights_are_closer_to_float64(dtype, monkeypatch):
     accumulator as it is) over eight micro-batches: the fp32 sum is the float64 sum to fp32
     precision, cast once; the plain store rounds every micro-batch's gradient and every partial
     sum to the weight's dtype."""
-    from glu_fusion.kernels import grouped_gemm
+    from glu_fusion.kernels.portable import grouped_gemm
     written = []
     kernel = grouped_gemm.grouped_weight_grad
 

@@ -241,7 +241,7 @@ def _deferred_weight_grad(dh: Tensor, x: Tensor, offsets: Tensor, layout: int,
     if dtype is None or dtype == x.dtype:
         return torch.ops.glu_fusion.grouped_swiglu_dw(dh, x, offsets, layout, True, False)[0]
     if dtype == torch.float32 and use_gemm_kernels(x):
-        from ..kernels.grouped_gemm import grouped_weight_grad
+        from ..kernels.portable.grouped_gemm import grouped_weight_grad
         dweight = x.new_empty((offsets.shape[0], dh.shape[1], x.shape[1]), dtype=dtype)
         grouped_weight_grad(dh, x, offsets, *expert_views(dweight, layout), None, None, allow_tf32())
         return dweight
