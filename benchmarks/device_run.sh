@@ -48,11 +48,14 @@ for stage in $stages; do
   case "$stage" in
     verify) workers=""; python3 -c "import xdist" 2>/dev/null && workers="-n ${VERIFY_WORKERS:-6} --dist loadfile"
             { echo "# GPU suite, $(date -u +%Y-%m-%d) on $(python3 -c 'import torch, triton; print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__)')"
-              echo "# python3 -m pytest -q -m gpu tests $workers"; } > "$OUT/gpu_tests.log"
-            timeout 540 python3 -m pytest -q -m gpu tests $workers -rfEs --tb=short -p no:cacheprovider \
-              > /tmp/gpu_tests_full.log 2>&1; echo "pytest rc=$?" >> /tmp/gpu_tests_full.log
+              echo "# python3 -m pytest -q -m 'gpu and not bigmem' tests $workers; then -m 'gpu and bigmem', one process"; } > "$OUT/gpu_tests.log"
+            # the tests that hold tens of GiB run one at a time after the rest, which share the GPU
+            timeout 420 python3 -m pytest -q -m "gpu and not bigmem" tests $workers -rfEs --tb=short \
+              -p no:cacheprovider > /tmp/gpu_tests_full.log 2>&1; echo "pytest rc=$?" >> /tmp/gpu_tests_full.log
+            timeout 240 python3 -m pytest -q -m "gpu and bigmem" tests -rfEs --tb=short -p no:cacheprovider \
+              >> /tmp/gpu_tests_full.log 2>&1; echo "pytest (bigmem) rc=$?" >> /tmp/gpu_tests_full.log
             cp /tmp/gpu_tests_full.log "$OUT/gpu_tests_full.log"
-            sed -n '/short test summary info/,$p' /tmp/gpu_tests_full.log >> "$OUT/gpu_tests.log"
+            grep -E "^(FAILED|ERROR|SKIPPED|XFAIL|[0-9]+ (passed|failed)|pytest)" /tmp/gpu_tests_full.log >> "$OUT/gpu_tests.log"
             cat "$OUT/gpu_tests.log" | tail -60 ;;
     tests) python3 -m pytest -q -m gpu tests -rfs --tb=line -p no:logging -p no:cacheprovider 2>&1 | tee /tmp/gpu_tests.log | grep -v "^DEBUG" | tail -40 ;;
     cpu) python3 -m pytest -q -n 8 -m "not gpu" tests -p no:cacheprovider 2>&1 | tail -15 ;;

@@ -18,7 +18,7 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 DIMS = (64, 128, 256, 1024, 4096)
-ROWS = (1, 32, 131072, 524288)
+ROWS = (1, 32, 131072, pytest.param(524288, marks=pytest.mark.bigmem))
 CHUNK_ELEMENTS = 1 << 24
 
 # (name, op flags, eager spelling); eager spellings take (x, z, w, eps).

@@ -386,6 +386,7 @@ def _check_rows(got, want, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.bigmem
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("kind", ["swiglu", "mlp_block"])
 def test_gemm_family_beyond_2_pow_31_elements(kind):
@@ -420,6 +421,7 @@ def test_gemm_family_beyond_2_pow_31_elements(kind):
 
 
 @pytest.mark.gpu
+@pytest.mark.bigmem
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("kind", ["rms_norm", "rms_norm_gated"])
 def test_norm_family_beyond_2_pow_31_elements(kind):
