@@ -9,7 +9,6 @@ the output, the input gradient and the gradient of every parameter as it is stor
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import operator
 from typing import Callable
@@ -21,7 +20,8 @@ import torch.nn.functional as F
 
 import glu_fusion
 from glu_fusion.compile.pre_grad import GluPass
-from test_pass_spellings import _close
+
+from helpers.compiled_steps import train_step_matches
 
 K, N, D = 16, 24, 12
 OPS = {torch.ops.glu_fusion.swiglu.default: "swiglu",
@@ -112,26 +112,6 @@ CASES = [
 ]
 
 
-def train_step_matches(module: nn.Module, x: torch.Tensor, tol: float) -> torch.Tensor:
-    """One compiled forward/backward against eager: output, x grad and the grad of every
-    parameter (those a spelling does not use must have none on both sides)."""
-    compiled_module = copy.deepcopy(module)
-    xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
-    expected = module(xe)
-    got = torch.compile(compiled_module, backend=glu_fusion.backend)(xc)
-    _close(got, expected, tol, "output")
-    grad = torch.randn_like(expected)
-    expected.backward(grad)
-    got.backward(grad)
-    _close(xc.grad, xe.grad, tol, "x")
-    compiled = dict(compiled_module.named_parameters())
-    for name, p in module.named_parameters():
-        if p.grad is None:
-            assert compiled[name].grad is None, name
-        else:
-            assert compiled[name].grad.shape == p.shape
-            _close(compiled[name].grad, p.grad, tol, name)
-    return got
 
 
 def _is_matmul(n: torch.fx.Node) -> bool:

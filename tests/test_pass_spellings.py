@@ -5,7 +5,6 @@ then the module is compiled with ``glu_fusion.backend`` and trained one step aga
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import operator
 from typing import Callable, Optional
@@ -17,6 +16,8 @@ import torch.nn.functional as F
 
 import glu_fusion
 from glu_fusion.compile.pre_grad import GluPass
+
+from helpers.compiled_steps import train_step_matches
 
 K, N = 16, 24
 OPS = {torch.ops.glu_fusion.swiglu.default: "swiglu",
@@ -145,31 +146,8 @@ def test_pass_rewrites_each_spelling_once(case, lead, dynamic, cpu_rewrites, dyn
     assert rewrite.source and "test_pass_spellings.py" in rewrite.source
 
 
-def _close(got, expected, tol, name):
-    """Elementwise within ``tol`` of the tensor's largest magnitude: low-precision eager rounds
-    every step of the gate, the op rounds once, so single small elements of a sum may differ
-    by a few percent of the scale while neither is wrong."""
-    scale = expected.detach().float().abs().max().item()
-    torch.testing.assert_close(got, expected, atol=tol * max(scale, 1e-3), rtol=tol,
-                               msg=lambda m: f"{name}: {m}")
 
 
-def train_step_matches(module: nn.Module, x: torch.Tensor, tol: float, **compile_kw):
-    """One forward/backward compiled with the backend against eager: output, x grad, every
-    parameter grad.  Returns the compiled output."""
-    eager, compiled_module = module, copy.deepcopy(module)
-    xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
-    expected = eager(xe)
-    got = torch.compile(compiled_module, backend=glu_fusion.backend, **compile_kw)(xc)
-    _close(got, expected, tol, "output")
-    grad = torch.randn_like(expected)
-    expected.backward(grad)
-    got.backward(grad)
-    _close(xc.grad, xe.grad, tol, "x")
-    compiled_params = dict(compiled_module.named_parameters())
-    for name, p in eager.named_parameters():
-        _close(compiled_params[name].grad, p.grad, tol, name)
-    return got
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
