@@ -56,21 +56,25 @@ _MATMUL_FUNCTIONS = frozenset({operator.matmul, torch.matmul, torch.mm, aten.mat
 _MATMUL_METHODS = frozenset({"matmul", "mm", "__matmul__"})
 #: Transposes of a 2-D weight: ``W.t()``, ``W.T``, ``W.mT``, ``W.transpose(0, 1)``,
 #: ``W.permute(1, 0)``, ``W.swapaxes(0, 1)`` and their torch/aten functions (``W.T`` is
-#: ``getattr(W, "T")`` in Dynamo graphs up to torch 2.13 and ``aten.numpy_T`` from 2.14).
+#: ``getattr(W, "T")`` in Dynamo graphs up to torch 2.13 and the packet ``aten.numpy_T`` from 2.14).
 
 
 def _aten(*names: str) -> set:
-    """The ``aten`` overloads of this torch among ``names`` (``"numpy_T.default"``...)."""
+    """The ``aten`` ops of this torch among ``names``: an overload (``"numpy_T.default"``) or a
+    whole packet (``"numpy_T"``: Dynamo on torch 2.14 records ``W.T`` and ``W.mT`` as the packets
+    ``aten.numpy_T`` and ``aten.mT``)."""
     found = set()
     for name in names:
-        packet, overload = name.split(".")
-        op = getattr(getattr(aten, packet, None), overload, None)
+        packet, _, overload = name.partition(".")
+        op = getattr(aten, packet, None)
+        if overload:
+            op = getattr(op, overload, None)
         if op is not None:
             found.add(op)
     return found
 
 
-_T_FUNCTIONS = frozenset({torch.t, *_aten("t.default", "numpy_T.default", "mT.default")})
+_T_FUNCTIONS = frozenset({torch.t, *_aten("t.default", "numpy_T.default", "mT.default", "t", "numpy_T", "mT")})
 _SWAP_FUNCTIONS = frozenset({torch.transpose, torch.swapaxes, torch.swapdims,
                              *_aten("transpose.int", "swapaxes.default", "swapdims.default")})
 _PERMUTE_FUNCTIONS = frozenset({torch.permute, *_aten("permute.default")})
