@@ -48,6 +48,11 @@ def _launch(tmp_path, *args: str, timeout: int) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            str(WORKER), *args, "--json", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0 and "(SIGABRT)" in proc.stderr:
+        # gloo's threads on two CPU processes have aborted once under CI load (std::terminate,
+        # no Python error in either rank): one relaunch; any other failure, or a second abort, fails
+        out.unlink(missing_ok=True)
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0 or not out.exists():
         pytest.fail(f"worker failed (exit {proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
     return json.loads(out.read_text())
