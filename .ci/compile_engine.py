@@ -32,6 +32,10 @@ def signature(spec, dtype):
         elif name in spec.constexprs:
             sig[name] = "constexpr"
             constexprs[(i,)] = spec.constexprs[name]
+        elif name in dict(spec.pointers):
+            sig[name] = f"*{elem}" if dict(spec.pointers)[name] == "operand" else "*i32"
+        elif name in spec.floats:
+            sig[name] = "fp32"
         elif name.endswith("_ptr"):
             if spec.constexprs.get("HAS_BIAS"):
                 sig[name] = f"*{elem}"

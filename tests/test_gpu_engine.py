@@ -105,7 +105,8 @@ def test_swiglu_forward(dtype, size, layout, bias, save, config):
 @pytest.mark.parametrize("size", [(300, 200, 136), (1000, 264, 520), (4096, 3072, 1024)])
 @pytest.mark.parametrize("wd_rows", [True, False])
 @pytest.mark.parametrize("in_place", [False, True])
-def test_dgated(dtype, size, wd_rows, in_place):
+@pytest.mark.parametrize("cfg", ["DGATED", "DGATED_WIDE"])
+def test_dgated(dtype, size, wd_rows, in_place, cfg):
     m, n, d = size
     torch.manual_seed(m + n + d)
     dout = torch.randn(m, d, device="cuda", dtype=dtype)
@@ -128,7 +129,7 @@ def test_dgated(dtype, size, wd_rows, in_place):
         dgu = torch.full((m, 2 * n), float("nan"), device="cuda", dtype=dtype)
         d_g, d_u = dgu[:, :n], dgu[:, n:]
     h = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
-    host.dgated(dout, wd, source[:, :n], source[:, n:], d_g, d_u, h)
+    host.dgated(dout, wd, source[:, :n], source[:, n:], d_g, d_u, h, cfg=getattr(host, cfg))
     for got, ref, e in zip((d_g, d_u, h), refs, eager):
         assert not got.isnan().any()
         assert rel(got, ref) <= 2 * rel(e, ref) + 1e-4
@@ -169,3 +170,68 @@ def test_split_reduction_takes_no_bias():
     with pytest.raises(ValueError, match="no bias"):
         host.matmul(a, b, out, torch.zeros(256, device="cuda", dtype=torch.bfloat16), cfg=host.WEIGHT_GRAD_SPLIT,
                     splits=2)
+
+
+# --- grouped (expert) SwiGLU forward ----------------------------------------------------------------
+
+def _routing(t: int, e: int, kind: str) -> torch.Tensor:
+    """Cumulative rows per expert (int32): balanced, skewed with empty experts, or a padded tail."""
+    if kind == "balanced":
+        counts = [t // e + (i < t % e) for i in range(e)]
+    elif kind == "skewed":  # most rows on two experts, some experts empty, one of 1 row
+        counts = [0] * e
+        counts[1], counts[-1], counts[e // 2] = t // 2 + 3, 1, t - (t // 2 + 3) - 1 - 50
+    else:  # "tail": 50 rows past the last expert give zeros
+        counts = [(t - 50) // e] * e
+        counts[0] += (t - 50) - sum(counts)
+    return torch.tensor(counts, device="cuda").cumsum(0).to(torch.int32)
+
+
+def _expert_weights(e: int, n: int, k: int, dtype, layout: str):
+    """(gate, up) [E, N, K] views: separate contiguous weights, the halves of a packed
+    ``[E, 2N, K]`` (gate rows first), or a transposed ``[E, K, 2N]`` storage (N-major)."""
+    if layout == "separate":
+        return [torch.randn(e, n, k, device="cuda", dtype=dtype) / k ** 0.5 for _ in range(2)]
+    if layout == "packed":
+        w = torch.randn(e, 2 * n, k, device="cuda", dtype=dtype) / k ** 0.5
+        return w[:, :n], w[:, n:]
+    w = torch.randn(e, k, 2 * n, device="cuda", dtype=dtype) / k ** 0.5
+    return w[:, :, :n].transpose(1, 2), w[:, :, n:].transpose(1, 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("routing", ["balanced", "skewed", "tail"])
+@pytest.mark.parametrize("layout", ["separate", "packed", "transposed"])
+@pytest.mark.parametrize("variant", ["infer", "train", "train_bias_gptoss"])
+def test_grouped_swiglu(dtype, routing, layout, variant):
+    from glu_fusion import grouped_reference
+    t, e, n, k = 1000, 8, 264, 512
+    torch.manual_seed(t + e + n)
+    x = torch.randn(t, k, device="cuda", dtype=dtype)
+    offsets = _routing(t, e, routing)
+    wg, wu = _expert_weights(e, n, k, dtype, layout)
+    bias = variant == "train_bias_gptoss"
+    bg = torch.randn(e, n, device="cuda", dtype=dtype) if bias else None
+    bu = torch.randn(e, n, device="cuda", dtype=dtype) if bias else None
+    activation, alpha, limit = ("gptoss", 1.702, 7.0) if bias else ("silu", 0.0, 0.0)
+    save = variant != "infer"
+    assert host.grouped_serves(x, wg, wu, torch.empty(t, n, device="cuda", dtype=dtype))
+    h = torch.full((t, n), float("nan"), device="cuda", dtype=dtype)
+    pre = torch.full((t, 2 * n), float("nan"), device="cuda", dtype=dtype)
+    g, u = (pre[:, :n], pre[:, n:]) if save else (None, None)
+    host.grouped_swiglu_forward(x, offsets, wg, wu, bg, bu, h, g, u, 1 if bias else 0, alpha, limit)
+    # float64 reference and eager (the projections rounded to the dtype, then the gate)
+    g64, u64 = grouped_reference.grouped_preact(x.double(), offsets, wg.double(), wu.double(),
+                                                None if bg is None else bg.double(), None if bu is None else bu.double())
+    h64 = grouped_reference.gate(g64, u64, activation, alpha, limit)
+    g_e, u_e = grouped_reference.grouped_preact(x, offsets, wg, wu, bg, bu)
+    h_e = grouped_reference.gate(g_e, u_e, activation, alpha, limit)
+    end = int(offsets[-1])
+    assert not h.isnan().any()
+    assert rel(h[:end], h64[:end]) <= 2 * rel(h_e[:end], h64[:end]) + 1e-4
+    assert torch.equal(h[end:], torch.zeros_like(h[end:]))  # the padded tail
+    if save:
+        assert not pre.isnan().any()
+        assert rel(g[:end], g64[:end]) <= 2 * rel(g_e[:end], g64[:end]) + 1e-4
+        assert rel(u[:end], u64[:end]) <= 2 * rel(u_e[:end], u64[:end]) + 1e-4
+        assert torch.equal(pre[end:], torch.zeros_like(pre[end:]))

@@ -55,8 +55,20 @@ CASES = [
 ]
 
 
+@pytest.fixture(params=["portable", "engine"])
+def forward_kernel(request, monkeypatch):
+    """The portable forward, or the Hopper engine's grouped forward where it serves the operands."""
+    if request.param == "engine":
+        from glu_fusion.kernels import engine
+        from glu_fusion.ops import grouped_swiglu
+        if not engine.available(torch.device("cuda")):
+            pytest.skip("the engine runs on Hopper GPUs")
+        monkeypatch.setattr(grouped_swiglu, "ENGINE_GROUPED", True)
+    return request.param
+
+
 @pytest.mark.parametrize("widths,experts,tokens,tail,dtype,form,activation,bias", CASES)
-def test_against_float64_and_eager(widths, experts, tokens, tail, dtype, form, activation, bias):
+def test_against_float64_and_eager(widths, experts, tokens, tail, dtype, form, activation, bias, forward_kernel):
     torch.manual_seed(0)
     k, n = widths
     problem = make_problem(None, k=k, n=n, dtype=dtype, form=form, bias=bias, activation=activation,

@@ -41,6 +41,21 @@ from .swiglu import packed_views
 
 ACTIVATION_CODES = {"silu": 0, "gptoss": 1}
 
+#: Whether the Hopper engine's grouped forward (``kernels.engine.host.grouped_swiglu_forward``)
+#: runs expert forwards it can serve.  Off until benchmarks/bench_moe.py measures it against the
+#: portable kernel and ``torch._grouped_mm``; the GPU tests turn it on.
+ENGINE_GROUPED = False
+
+
+def _engine_serves(x: Tensor, w_gate: Tensor, w_up: Tensor, out: Tensor, preact: Optional[Tensor]) -> bool:
+    from ..kernels import engine
+    if not (ENGINE_GROUPED and engine.available(x.device)):
+        return False
+    from ..kernels.engine.host import grouped_serves
+    n = w_gate.shape[1]
+    halves = (preact[:, :n], preact[:, n:]) if preact is not None else (None, None)
+    return grouped_serves(x, w_gate, w_up, out, *halves)
+
 
 def expert_views(t: Tensor, layout: int) -> tuple[Tensor, Tensor]:
     """(gate, up) views along dim 1 of a packed ``[E, 2N, K]`` weight or ``[E, 2N]`` bias."""
@@ -92,11 +107,17 @@ def _forward(x, offsets, w_gate, w_up, b_gate, b_up, activation, alpha, limit, s
     check_offset_values(offsets, x.shape[0])
     t, n = x.shape[0], w_gate.shape[1]
     if use_gemm_kernels(x):
-        from ..kernels.portable.grouped_gemm import grouped_swiglu_forward
         out = x.new_empty((t, n))
         preact = x.new_empty((t, 2 * n)) if save_preact else None
-        grouped_swiglu_forward(x, offsets, w_gate, w_up, b_gate, b_up, out, preact,
-                               ACTIVATION_CODES[activation], alpha, limit, allow_tf32())
+        if _engine_serves(x, w_gate, w_up, out, preact):
+            from ..kernels.engine.host import grouped_swiglu_forward as engine_forward
+            halves = (preact[:, :n], preact[:, n:]) if preact is not None else (None, None)
+            engine_forward(x, offsets, w_gate, w_up, b_gate, b_up, out, *halves, ACTIVATION_CODES[activation],
+                           alpha, limit)
+        else:
+            from ..kernels.portable.grouped_gemm import grouped_swiglu_forward
+            grouped_swiglu_forward(x, offsets, w_gate, w_up, b_gate, b_up, out, preact,
+                                   ACTIVATION_CODES[activation], alpha, limit, allow_tf32())
     else:
         g, u = grouped_reference.grouped_preact(x, offsets, w_gate, w_up, b_gate, b_up)
         out = grouped_reference.gate(g, u, activation, alpha, limit)

@@ -6,12 +6,13 @@ tile count ``j`` and its index ``WG``.  Flags in ``epi`` are read by index into 
 unpacking a tuple turns its constexprs into tensors.
 
 * ``plain``: ``C = acc (+ bias along N)``;
-* ``swiglu``: two accumulators ``g, u`` (+ biases); writes ``h = silu(g)·u`` and, for a
-  backward, ``g`` and ``u`` (each rounded to the output dtype first, as eager rounds the two
-  linear outputs);
+* ``swiglu``: two accumulators ``g, u`` (+ biases); writes ``h = silu(g)·u`` (or gpt-oss's
+  clamped gate) and, for a backward, ``g`` and ``u`` (each rounded to the output dtype first, as
+  eager rounds the two linear outputs); on grouped problems with each expert's bias, and the
+  last row tile of a group by pointer stores of its rows;
 * ``dgated``: the down projection's input grad ``dh`` and the saved ``g, u`` (prefetched by TMA
   while the main loop runs); writes ``dG = dh·u·silu'(g)``, ``dU = dh·silu(g)`` and
-  ``h = silu(g)·u`` for the down projection's weight grad.
+  ``h = silu(g)·u`` for the down projection's weight grad, in column pieces on wide tiles.
 
 Tiles leave through shared memory and TMA stores, in column pieces of the output descriptor's
 block width: a narrower block needs less shared memory (room for a deeper ring), and the
@@ -71,10 +72,37 @@ def store_tile(desc, bufs, WG: gl.constexpr, value, row, col):
 
 @gluon.jit
 def _add_bias(acc, bias_ptr, stride, col, N):
+    """``acc`` plus the bias along its columns (columns from ``N`` on get none: ``N`` = 0 adds
+    nothing)."""
     LAYOUT: gl.constexpr = gl.SliceLayout(0, acc.type.layout)
     cols = col + gl.arange(0, acc.shape[1], layout=LAYOUT)
     bias = gl.load(bias_ptr + cols * stride, mask=cols < N, other=0.0).to(gl.float32)
     return acc + gl.expand_dims(bias, 0)
+
+
+@gluon.jit
+def _store_rows(ptr, stride, value, row, col, row_end, N):
+    """Pointer stores of a register tile: rows below ``row_end`` and columns below ``N`` only
+    (a group's last row tile, whose other rows belong to the next group)."""
+    LAYOUT: gl.constexpr = value.type.layout
+    rows = row + gl.arange(0, value.shape[0], layout=gl.SliceLayout(1, LAYOUT))
+    cols = col + gl.arange(0, value.shape[1], layout=gl.SliceLayout(0, LAYOUT))
+    offsets = gl.expand_dims(rows.to(gl.int64) * stride, 1) + gl.expand_dims(cols, 0)
+    mask = gl.expand_dims(rows < row_end, 1) & gl.expand_dims(cols < N, 0)
+    gl.store(ptr + offsets, value, mask=mask)
+
+
+@gluon.jit
+def _put(desc, bufs, WG: gl.constexpr, ptr, stride, value, row, col, row_end, N, GROUPED: gl.constexpr):
+    """Store a tile: through TMA, or, for a grouped tile running past its group's rows, by
+    pointer stores of the group's rows."""
+    if GROUPED:
+        if row + value.shape[0] <= row_end:
+            store_tile(desc, bufs, WG, value, row, col)
+        else:
+            _store_rows(ptr, stride, value, row, col, row_end, N)
+    else:
+        store_tile(desc, bufs, WG, value, row, col)
 
 
 @gluon.jit
@@ -90,7 +118,7 @@ def no_begin(epi, row, col, j, WG: gl.constexpr):
 
 
 @gluon.jit
-def plain_end(epi, acc, _unused, row, col, j, WG: gl.constexpr, M, N):
+def plain_end(epi, acc, _unused, row, col, j, WG: gl.constexpr, M, N, group):
     c_desc, c_bufs, bias_ptr, bias_stride = epi[0], epi[1], epi[2], epi[3]
     HAS_BIAS: gl.constexpr = epi[4]
     if HAS_BIAS:
@@ -99,56 +127,117 @@ def plain_end(epi, acc, _unused, row, col, j, WG: gl.constexpr, M, N):
 
 
 @gluon.jit
-def swiglu_end(epi, acc_g, acc_u, row, col, j, WG: gl.constexpr, M, N):
+def _gate(g, u, alpha, limit, ACT: gl.constexpr):
+    """The gated activation in fp32: ACT 0 ``silu(g)·u``; ACT 1 gpt-oss's clamped gate
+    ``(clamp(u, ±limit) + 1)·gc·sigmoid(alpha·gc)`` with ``gc = min(g, limit)``."""
+    if ACT == 0:
+        silu, _sig = _silu_parts(g)
+        return silu * u
+    else:
+        gc = gl.minimum(g, limit)
+        uc = gl.minimum(gl.maximum(u, -limit), limit)
+        return (uc + 1.0) * gc / (1.0 + gl.exp2(-alpha * gc * LOG2E))
+
+
+@gluon.jit
+def swiglu_end(epi, acc_g, acc_u, row, col, j, WG: gl.constexpr, M, N, group):
+    """``epi``: (h, g, u descriptors, staging, gate and up bias pointers and strides, HAS_BIAS,
+    SAVE_PREACT, ACT, alpha, limit, GROUPED, (h, g, u pointers), (h and pre-activation row
+    strides), the bias's stride between experts, the number of experts).  A grouped tile adds its
+    expert's bias, and the padded tail (group = experts) none."""
     h_desc, g_desc, u_desc, bufs = epi[0], epi[1], epi[2], epi[3]
     bg_ptr, bu_ptr, bg_stride, bu_stride = epi[4], epi[5], epi[6], epi[7]
     HAS_BIAS: gl.constexpr = epi[8]
     SAVE_PREACT: gl.constexpr = epi[9]
+    ACT: gl.constexpr = epi[10]
+    GROUPED: gl.constexpr = epi[13]
     if HAS_BIAS:
-        acc_g = _add_bias(acc_g, bg_ptr, bg_stride, col, N)
-        acc_u = _add_bias(acc_u, bu_ptr, bu_stride, col, N)
+        if GROUPED:
+            bias_n = N * (group < epi[17]).to(gl.int32)
+            acc_g = _add_bias(acc_g, bg_ptr + group * epi[16], bg_stride, col, bias_n)
+            acc_u = _add_bias(acc_u, bu_ptr + group * epi[16], bu_stride, col, bias_n)
+        else:
+            acc_g = _add_bias(acc_g, bg_ptr, bg_stride, col, N)
+            acc_u = _add_bias(acc_u, bu_ptr, bu_stride, col, N)
     dtype: gl.constexpr = h_desc.dtype
     g = acc_g.to(dtype)
     u = acc_u.to(dtype)
+    ptrs, strides = epi[14], epi[15]
     if SAVE_PREACT:
-        store_tile(g_desc, bufs, WG, g, row, col)
-        store_tile(u_desc, bufs, WG, u, row, col)
-    silu, _sig = _silu_parts(g.to(gl.float32))
-    store_tile(h_desc, bufs, WG, (silu * u.to(gl.float32)).to(dtype), row, col)
+        _put(g_desc, bufs, WG, ptrs[1], strides[1], g, row, col, M, N, GROUPED)
+        _put(u_desc, bufs, WG, ptrs[2], strides[1], u, row, col, M, N, GROUPED)
+    h = _gate(g.to(gl.float32), u.to(gl.float32), epi[11], epi[12], ACT)
+    _put(h_desc, bufs, WG, ptrs[0], strides[0], h.to(dtype), row, col, M, N, GROUPED)
 
 
 @gluon.jit
 def dgated_begin(epi, row, col, j, WG: gl.constexpr):
     """Prefetch this tile's g and u while the main loop runs (once the previous tile's stores
     have read the buffers)."""
-    g_desc, u_desc, bufs, bars = epi[0], epi[1], epi[5], epi[6]
+    g_desc, u_desc, gu_bufs, bars = epi[0], epi[1], epi[5], epi[7]
     bar = bars.index(WG)
     tma.store_wait(0)
     mbarrier.expect(bar, 2 * g_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(g_desc, [row, col], bar, bufs.index(WG * 3))
-    tma.async_copy_global_to_shared(u_desc, [row, col], bar, bufs.index(WG * 3 + 1))
+    tma.async_copy_global_to_shared(g_desc, [row, col], bar, gu_bufs.index(WG * 2))
+    tma.async_copy_global_to_shared(u_desc, [row, col], bar, gu_bufs.index(WG * 2 + 1))
 
 
 @gluon.jit
-def dgated_end(epi, acc, _unused, row, col, j, WG: gl.constexpr, M, N):
-    dg_desc, du_desc, h_desc, bufs, bars = epi[2], epi[3], epi[4], epi[5], epi[6]
-    ACC: gl.constexpr = acc.type.layout
+def _dgated_piece(acc, g_buf, u_buf, spare, dg_desc, du_desc, h_desc, row, col):
+    """One column piece: ``acc`` the fp32 ``dh`` piece, ``g_buf``/``u_buf`` its g and u in shared
+    memory (overwritten by dG and h), ``spare`` receives dU; then the three TMA stores."""
+    LAYOUT: gl.constexpr = acc.type.layout
     dtype: gl.constexpr = dg_desc.dtype
-    g_buf = bufs.index(WG * 3)
-    u_buf = bufs.index(WG * 3 + 1)
-    spare = bufs.index(WG * 3 + 2)
-    mbarrier.wait(bars.index(WG), j & 1)
     dh = acc.to(dtype).to(gl.float32)  # rounded as the unfused GEMM's output is
-    g = g_buf.load(ACC).to(gl.float32)
+    g = g_buf.load(LAYOUT).to(gl.float32)
     silu, sig = _silu_parts(g)
-    # written in this order, at most three fp32 tiles are live: dU to the spare buffer, then dG
-    # over g, then h over u
+    # written in this order, at most three fp32 pieces are live: dU to the spare buffer, then
+    # dG over g, then h over u (each thread writes the elements it read)
     spare.store((dh * silu).to(dtype))
     dh_dsilu = dh * (sig * (1.0 + g * (1.0 - sig)))
-    u = u_buf.load(ACC).to(gl.float32)
+    u = u_buf.load(LAYOUT).to(gl.float32)
     g_buf.store((dh_dsilu * u).to(dtype))
     u_buf.store((silu * u).to(dtype))
     fence_async_shared()
     tma.async_copy_shared_to_global(dg_desc, [row, col], g_buf)
     tma.async_copy_shared_to_global(du_desc, [row, col], spare)
     tma.async_copy_shared_to_global(h_desc, [row, col], u_buf)
+
+
+@gluon.jit
+def dgated_end(epi, acc, _unused, row, col, j, WG: gl.constexpr, M, N, group):
+    """The whole tile at once, or (an output block narrower than the tile) in column pieces of
+    the output block's width, each written over its slice of the prefetched g and u; the one
+    spare buffer per consumer holds a piece's dU until its store has read it."""
+    dg_desc, du_desc, h_desc, gu_bufs, spares, bars = epi[2], epi[3], epi[4], epi[5], epi[6], epi[7]
+    PIECE: gl.constexpr = dg_desc.block_type.shape[1]
+    PIECES: gl.constexpr = acc.shape[1] // PIECE
+    g_buf = gu_bufs.index(WG * 2)
+    u_buf = gu_bufs.index(WG * 2 + 1)
+    spare = spares.index(WG)
+    mbarrier.wait(bars.index(WG), j & 1)
+    if PIECES == 1:
+        _dgated_piece(acc, g_buf, u_buf, spare, dg_desc, du_desc, h_desc, row, col)
+    elif PIECES == 2:
+        a0, a1 = _halves(acc)
+        _dgated_piece(a0, g_buf.slice(0, PIECE, 1), u_buf.slice(0, PIECE, 1), spare, dg_desc, du_desc, h_desc,
+                      row, col)
+        tma.store_wait(1)  # the spare's store has read it (h's may still be reading)
+        _dgated_piece(a1, g_buf.slice(PIECE, PIECE, 1), u_buf.slice(PIECE, PIECE, 1), spare, dg_desc, du_desc,
+                      h_desc, row, col + PIECE)
+    else:
+        gl.static_assert(PIECES == 4, "an output piece is the tile's width, or a half or quarter of it")
+        a0, a1 = _halves(acc)
+        a00, a01 = _halves(a0)
+        _dgated_piece(a00, g_buf.slice(0, PIECE, 1), u_buf.slice(0, PIECE, 1), spare, dg_desc, du_desc, h_desc,
+                      row, col)
+        tma.store_wait(1)
+        _dgated_piece(a01, g_buf.slice(PIECE, PIECE, 1), u_buf.slice(PIECE, PIECE, 1), spare, dg_desc, du_desc,
+                      h_desc, row, col + PIECE)
+        a10, a11 = _halves(a1)
+        tma.store_wait(1)
+        _dgated_piece(a10, g_buf.slice(2 * PIECE, PIECE, 1), u_buf.slice(2 * PIECE, PIECE, 1), spare, dg_desc,
+                      du_desc, h_desc, row, col + 2 * PIECE)
+        tma.store_wait(1)
+        _dgated_piece(a11, g_buf.slice(3 * PIECE, PIECE, 1), u_buf.slice(3 * PIECE, PIECE, 1), spare, dg_desc,
+                      du_desc, h_desc, row, col + 3 * PIECE)

@@ -77,6 +77,11 @@ class Spec:
     blocks: dict
     constexprs: dict
     fp32_descriptors: tuple = ()
+    #: pointer parameters that are always given, by kind ("operand": the operands' dtype,
+    #: "int32"); other ``*_ptr`` parameters are bias pointers, given with HAS_BIAS
+    pointers: tuple = ()
+    #: fp32 scalar parameters
+    floats: tuple = ()
 
 
 # The configurations the routes pick (benchmarks/results/engine.md has the sweep behind them:
@@ -86,9 +91,15 @@ GEMM = Config(128, 256, 64, 3)
 SWIGLU_INFER = Config(128, 128, 64, 4)
 SWIGLU_TRAIN = Config(128, 128, 64, 4)
 DGATED = Config(128, 128, 64, 4)
+# 128x256 tiles read twice the columns per A tile (half the operand traffic per FLOP of 128x128
+# tiles); their prefetched g and u fill 128 KB, so the ring takes 32-deep steps and the outputs
+# leave in 64-wide pieces.  A candidate for DGATED, to be measured (bench_engine.py).
+DGATED_WIDE = Config(128, 256, 32, 3, store_n=64)
 # A split weight gradient stores fp32 partials: 64-wide pieces keep the staging in shared memory
 # beside a 3-stage ring of 128x256 tiles.  Not measured yet: no route splits.
 WEIGHT_GRAD_SPLIT = Config(128, 256, 64, 3, store_n=64)
+# The expert SwiGLU forward: the dense training forward's tiles (not measured on experts yet).
+GROUPED_SWIGLU = Config(128, 128, 64, 4)
 
 
 def _kmajor(t: Tensor) -> bool:
@@ -156,9 +167,9 @@ def swiglu_spec(cfg: Config, b_kmajor: bool, has_bias: bool, save_preact: bool) 
 
 def dgated_spec(cfg: Config, b_kmajor: bool) -> Spec:
     rows, bk, bn = cfg.consumer_rows, cfg.block_k, cfg.block_n
-    tile = (rows, bn)
+    tile, piece = (rows, bn), (rows, cfg.piece_n)
     blocks = dict(a_desc=(rows, bk), b_desc=(bn, bk) if b_kmajor else (bk, bn), g_desc=tile, u_desc=tile,
-                  dg_desc=tile, du_desc=tile, h_desc=tile)
+                  dg_desc=piece, du_desc=piece, h_desc=piece)
     common = _common(cfg)
     del common["PINGPONG"]
     return Spec(kernels.dgated_kernel, blocks, dict(B_KMAJOR=b_kmajor, **common))
@@ -237,6 +248,86 @@ def dgated(dout: Tensor, w_down: Tensor, g: Tensor, u: Tensor, d_g: Tensor, d_u:
     _launch(spec, _grid(m, n, cfg, dout.device), tensors, (m, n, k))
 
 
+def grouped_swiglu_spec(cfg: Config, b_kmajor: bool, has_bias: bool, save_preact: bool, activation: int,
+                        group_pow2: int) -> Spec:
+    rows, bk, bn = cfg.consumer_rows, cfg.block_k, cfg.block_n
+    b_block = (bn, bk) if b_kmajor else (bk, bn)
+    out = (rows, cfg.piece_n)
+    blocks = dict(a_desc=(rows, bk), bg_desc=b_block, bu_desc=b_block, h_desc=out, g_desc=out, u_desc=out)
+    common = _common(cfg)
+    del common["PINGPONG"]
+    return Spec(kernels.grouped_swiglu_kernel, blocks,
+                dict(HAS_BIAS=has_bias, SAVE_PREACT=save_preact, ACT=activation, B_KMAJOR=b_kmajor,
+                     STORE_BUFS=cfg.store_bufs, GROUP_POW2=group_pow2, **common),
+                pointers=(("h_ptr", "operand"), ("g_ptr", "operand"), ("u_ptr", "operand"),
+                          ("ends_ptr", "int32"), ("tile_cum_ptr", "int32")),
+                floats=("alpha", "limit"))
+
+
+def expert_rows(w: Tensor) -> Optional[tuple[Tensor, int, bool]]:
+    """An ``[E, N, K]`` expert weight (any view) as the 2-D tensor a B descriptor reads, the rows
+    between two experts, and whether it is K-major; None where no such view exists (experts not
+    evenly spaced in rows, or neither N nor K of unit stride).  A K-major weight's rows are its N
+    rows; an N-major one's (a transposed ``[E, K, N]`` storage) its K rows."""
+    e, n, k = w.shape
+    if w.stride(2) == 1:
+        row_stride, rows, kmajor = w.stride(1), n, True
+        width = k
+    elif w.stride(1) == 1:
+        row_stride, rows, kmajor = w.stride(2), k, False
+        width = n
+    else:
+        return None
+    if row_stride <= 0 or w.stride(0) % row_stride or (e > 1 and w.stride(0) // row_stride < rows):
+        return None
+    between = w.stride(0) // row_stride if e > 1 else rows
+    flat = torch.as_strided(w, ((e - 1) * between + rows, width), (row_stride, 1))
+    return flat, between, kmajor
+
+
+def grouped_swiglu_forward(x: Tensor, offsets: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Optional[Tensor],
+                           b_up: Optional[Tensor], h: Tensor, g: Optional[Tensor], u: Optional[Tensor],
+                           activation: int = 0, alpha: float = 0.0, limit: float = 0.0,
+                           cfg: Optional[Config] = None) -> None:
+    """The expert SwiGLU forward on rows of ``x`` sorted by expert (``offsets``: cumulative rows
+    per expert; rows from ``offsets[-1]`` on give zeros): ``h`` and, when given, ``g`` and ``u``.
+    ``activation`` 0 is ``silu(g)·u``, 1 gpt-oss's clamped gate.  The caller checks
+    ``grouped_serves``."""
+    from ..portable.grouped_gemm import work_list
+    cfg = cfg or GROUPED_SWIGLU
+    t, k = x.shape
+    e, n, _ = w_gate.shape
+    (wg2, between, kmajor), (wu2, _, _) = expert_rows(w_gate), expert_rows(w_up)
+    save = g is not None
+    ends, tile_cum, max_tiles = work_list(offsets, t, cfg.block_m)
+    spec = grouped_swiglu_spec(cfg, kmajor, b_gate is not None, save, activation, triton.next_power_of_2(e + 1))
+    tensors = dict(a_desc=x, bg_desc=wg2, bu_desc=wu2, h_desc=h, g_desc=g if save else h, u_desc=u if save else h)
+    if b_gate is not None:
+        bias_args = (b_gate, b_up, b_gate.stride(1), b_up.stride(1), b_gate.stride(0))
+    else:
+        bias_args = (None, None, 0, 0, 0)
+    pre = (g, u, g.stride(0)) if save else (h, h, 0)
+    units = max_tiles * triton.cdiv(n, cfg.block_n)
+    grid = (min(units, multiprocessors(h.device.index if h.device.index is not None else torch.cuda.current_device())),)
+    _launch(spec, grid, tensors, (h, pre[0], pre[1], h.stride(0), pre[2], *bias_args, ends, tile_cum, e + 1, between,
+                                  float(alpha), float(limit), t, n, k))
+
+
+def grouped_serves(x: Tensor, w_gate: Tensor, w_up: Tensor, h: Tensor, g: Optional[Tensor] = None,
+                   u: Optional[Tensor] = None, cfg: Optional[Config] = None) -> bool:
+    """Whether ``grouped_swiglu_forward`` can run these operands: TMA-addressable rows, gate and
+    up weights laid out alike, and (N-major weights) whole reduction steps per expert."""
+    cfg = cfg or GROUPED_SWIGLU
+    if x.shape[0] == 0 or x.shape[1] == 0 or w_gate.shape[0] == 0:
+        return False
+    views = expert_rows(w_gate), expert_rows(w_up)
+    if views[0] is None or views[1] is None or views[0][1:] != views[1][1:] or w_gate.dtype != w_up.dtype:
+        return False
+    if not views[0][2] and x.shape[1] % cfg.block_k:
+        return False
+    return all(addressable(t) for t in (x, views[0][0], views[1][0], h, g, u))
+
+
 def route_specs() -> list[tuple[str, Spec, torch.dtype]]:
     """Every launch the ops can make, by name: what CI compiles for sm_90."""
     specs = []
@@ -253,5 +344,10 @@ def route_specs() -> list[tuple[str, Spec, torch.dtype]]:
                 specs.append((f"swiglu save={save} bias={has_bias} {tag}", swiglu_spec(cfg, True, has_bias, save),
                               dtype))
         for b_kmajor in (False, True):
-            specs.append((f"dgated wd_kmajor={b_kmajor} {tag}", dgated_spec(DGATED, b_kmajor), dtype))
+            for cfg in (DGATED, DGATED_WIDE):
+                specs.append((f"dgated {cfg.name} wd_kmajor={b_kmajor} {tag}", dgated_spec(cfg, b_kmajor), dtype))
+        for b_kmajor, has_bias, save, act in ((True, False, False, 0), (True, False, True, 0), (True, True, True, 1),
+                                              (False, False, True, 0)):
+            specs.append((f"grouped swiglu w_kmajor={b_kmajor} bias={has_bias} save={save} act={act} {tag}",
+                          grouped_swiglu_spec(GROUPED_SWIGLU, b_kmajor, has_bias, save, act, 256), dtype))
     return specs
