@@ -495,9 +495,10 @@ def grads_from_dh(dh: Tensor, x: Tensor, weights: tuple, need_x: bool, need_w: b
     """dx, the weight grads and the bias grads (each a tuple shaped like ``weights``, or None)
     from ``dH`` laid out as the weights' rows: plain GEMMs and column sums.
 
-    The weight gradient ``dHᵀ·x`` is one GEMM (cuBLAS on the GPU).  The Hopper engine's
-    split-reduction weight gradient (``kernels.engine.host.matmul(..., splits=)``) is the
-    candidate for it once measured against cuBLAS."""
+    The weight gradient ``dHᵀ·x`` is one GEMM for a packed weight, one per weight otherwise
+    (cuBLAS on the GPU).  The Hopper engine's split-reduction weight gradient
+    (``kernels.engine.host.matmul(..., splits=)``) is the candidate for it once measured against
+    cuBLAS."""
     x2d = rows_2d(x)
     dx = dws = dbs = None
     n = dh.shape[1] // 2
@@ -507,10 +508,13 @@ def grads_from_dh(dh: Tensor, x: Tensor, weights: tuple, need_x: bool, need_w: b
         else:
             dx = torch.addmm(dh[:, :n] @ weights[0], dh[:, n:], weights[1]).reshape(x.shape)
     if need_w or need_b:
-        dw = dh.t() @ x2d  # one GEMM over [dG | dU] for both halves
+        if need_w and len(weights) == 1:
+            dws = (dh.t() @ x2d,)  # one GEMM over [dG | dU]: the packed weight's gradient
+        elif need_w:
+            # separate weights: dGᵀ·x and dUᵀ·x, two GEMMs (6% faster than one over [dG | dU]
+            # and then two views of it: H100, 4096->14336, 16384 tokens)
+            dws = (dh[:, :n].t() @ x2d, dh[:, n:].t() @ x2d)
         db = dh.sum(0) if need_b else None
-        if need_w:
-            dws = (dw,) if len(weights) == 1 else (dw[:n], dw[n:])
         if need_b:
             dbs = (db,) if len(weights) == 1 else (db[:n], db[n:])
     return dx, dws, dbs
