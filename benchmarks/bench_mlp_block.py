@@ -199,20 +199,24 @@ def main(argv=None) -> int:
     parser.add_argument("--md", required=True)
     parser.add_argument("--quick", action="store_true", help="fewer token counts")
     parser.add_argument("--profile", help="write per-kernel profiles of the large shapes to this file")
+    parser.add_argument("--shapes", help="K->N widths to run, as 4096x14336,1024x3072 (default: all)")
+    parser.add_argument("--tokens", help="token counts to run, as 4096,16384 (default: by --quick)")
     args = parser.parse_args(argv)
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if args.shapes else SHAPES
+    tokens = [int(v) for v in args.tokens.split(",")] if args.tokens else (QUICK_TOKENS if args.quick else TOKENS)
     glu_fusion.config.rewrite_devices = ("cuda",)
     env = environment()
     env["copy_TBps"] = copy_bandwidth() / 1e12
     rows = []
-    for k, n in SHAPES:
-        for m in (QUICK_TOKENS if args.quick else TOKENS):
+    for k, n in shapes:
+        for m in tokens:
             rows.append(measure(k, n, m, env["copy_TBps"] * 1e12))
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
             write_results(args.json, args.md, {"env": env, "rows": rows}, markdown(rows, env))
     print(markdown(rows, env))
     if args.profile:
         with open(args.profile, "w") as f:
-            f.write("\n\n".join(profile(k, n, m) for k, n in SHAPES[:2] for m in (16, 16384)))
+            f.write("\n\n".join(profile(k, n, m) for k, n in shapes[:2] for m in (16, 16384)))
     return 0
 
 

@@ -40,8 +40,14 @@ QUICK_TOKENS = 4096
 mm = torch._grouped_mm
 
 
-def routing(tokens: int, experts: int, topk: int) -> torch.Tensor:
-    choice = torch.rand(tokens, experts, device="cuda").topk(topk, dim=1).indices.flatten()
+def routing(tokens: int, experts: int, topk: int, skew: float = 0.0) -> torch.Tensor:
+    """Cumulative rows per expert: each token picks ``topk`` distinct experts, uniformly, or
+    (``skew`` > 0) with expert probabilities drawn from a Dirichlet(``skew``) distribution."""
+    if skew > 0:
+        probs = torch.distributions.Dirichlet(torch.full((experts,), skew)).sample().to("cuda")
+        choice = torch.multinomial(probs.expand(tokens, experts), topk, replacement=False).flatten()
+    else:
+        choice = torch.rand(tokens, experts, device="cuda").topk(topk, dim=1).indices.flatten()
     return torch.bincount(choice, minlength=experts).cumsum(0).to(torch.int32)
 
 
@@ -130,11 +136,14 @@ def measure_block(name: str, tokens: int) -> dict:
     return row
 
 
-def measure_gemms(name: str, tokens: int) -> dict:
-    """Our grouped kernels alone against torch._grouped_mm on the same operands (silu weights)."""
+def measure_gemms(name: str, tokens: int, skew: float = 0.0) -> dict:
+    """Our grouped kernels alone against torch._grouped_mm on the same operands (silu weights):
+    the portable kernels, and on Hopper the engine's grouped forward (``*_engine``); the dense
+    cuBLAS GEMM of the same FLOPs as a reference point."""
+    from glu_fusion.kernels import engine
     from glu_fusion.kernels.portable.grouped_gemm import grouped_input_grad, grouped_swiglu_forward, grouped_weight_grad
     k, n, e, topk, _, _ = CONFIGS[name]
-    offs = routing(tokens, e, topk)
+    offs = routing(tokens, e, topk, skew)
     t = tokens * topk
     x = torch.randn(t, k, device="cuda", dtype=torch.bfloat16)
     w13 = torch.randn(e, 2 * n, k, device="cuda", dtype=torch.bfloat16) * k ** -0.5
@@ -154,7 +163,16 @@ def measure_gemms(name: str, tokens: int) -> dict:
         "dw": (lambda: grouped_weight_grad(dh, x, offs, dw[:, :n], dw[:, n:], None, None, True),
                lambda: mm(dh.t(), x, offs=offs)),
     }
-    row = {"config": name, "tokens": tokens, "rows": t}
+    if engine.available(x.device):
+        from glu_fusion.kernels.engine import host
+        cases["fwd_gated_engine"] = (lambda: host.grouped_swiglu_forward(x, offs, w1, w3, None, None, out, None, None),
+                                     cases["fwd_gated"][1])
+        cases["fwd_gated_saving_preact_engine"] = (
+            lambda: host.grouped_swiglu_forward(x, offs, w1, w3, None, None, out, pre[:, :n], pre[:, n:]),
+            cases["fwd_gated"][1])
+    x_dense, w_dense = x, torch.randn(2 * n, k, device="cuda", dtype=torch.bfloat16)
+    row = {"config": name, "tokens": tokens, "rows": t, "skew": skew,
+           "dense_gate_up_ms": bench(lambda: x_dense @ w_dense.t())}
     for case, (ours, theirs) in cases.items():
         for who, fn in (("ours", ours), ("grouped_mm", theirs)):
             try:
@@ -193,9 +211,13 @@ def markdown(blocks: list, gemms: list, env: dict) -> str:
               "faster; the forward's gate writes [T, N] where grouped_mm writes [T, 2N]):", "",
               "| config | kernel | ours | grouped_mm | ratio |", "|---|---|---|---|---|"]
     for r in gemms:
-        for case in ("fwd_gated", "fwd_gated_saving_preact", "dx", "dw"):
-            lines.append(f"| {r['config']} | {case} | {cell(r, f'{case}_ours_ms')} | {cell(r, f'{case}_grouped_mm_ms')} | "
-                         f"{ratio(r, f'{case}_grouped_mm_ms', f'{case}_ours_ms')} |")
+        routed = f"skewed (Dirichlet {r['skew']})" if r.get("skew") else "balanced"
+        for case in ("fwd_gated", "fwd_gated_saving_preact", "fwd_gated_engine", "fwd_gated_saving_preact_engine",
+                     "dx", "dw"):
+            if f"{case}_ours_ms" in r or f"{case}_ours_error" in r:
+                lines.append(f"| {r['config']} {routed} | {case} | {cell(r, f'{case}_ours_ms')} | "
+                             f"{cell(r, f'{case}_grouped_mm_ms')} | {ratio(r, f'{case}_grouped_mm_ms', f'{case}_ours_ms')} |")
+        lines.append(f"| {r['config']} {routed} | dense cuBLAS gate/up, same FLOPs | – | {cell(r, 'dense_gate_up_ms')} | – |")
     errors = [(r["config"], key, v) for r in blocks + gemms for key, v in r.items() if key.endswith("_error")]
     if errors:
         lines += ["", "Errors:", ""] + [f"- {c} {k}: `{v}`" for c, k, v in errors]
@@ -207,16 +229,21 @@ def main(argv=None) -> int:
     parser.add_argument("--json", required=True)
     parser.add_argument("--md", required=True)
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_TOKENS} tokens per config")
+    parser.add_argument("--gemms-only", action="store_true", help="the grouped GEMMs alone, no expert block")
+    parser.add_argument("--skew", type=float, default=0.3,
+                        help="Dirichlet concentration of the skewed routing the GEMMs also run (0: none)")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     env = environment()
     blocks, gemms = [], []
     for name, (*_, tokens, _act) in CONFIGS.items():
         tokens = QUICK_TOKENS if args.quick else tokens
-        blocks.append(measure_block(name, tokens))
-        print(json.dumps(blocks[-1]), file=sys.stderr, flush=True)
-        gemms.append(measure_gemms(name, tokens))
-        print(json.dumps(gemms[-1]), file=sys.stderr, flush=True)
+        if not args.gemms_only:
+            blocks.append(measure_block(name, tokens))
+            print(json.dumps(blocks[-1]), file=sys.stderr, flush=True)
+        for skew in (0.0, args.skew) if args.skew > 0 else (0.0,):
+            gemms.append(measure_gemms(name, tokens, skew))
+            print(json.dumps(gemms[-1]), file=sys.stderr, flush=True)
         write_results(args.json, args.md, {"env": env, "blocks": blocks, "gemms": gemms},
                       markdown(blocks, gemms, env))
     print(markdown(blocks, gemms, env))
