@@ -19,8 +19,10 @@ parameter, and is read in place through a transposed view):
 Left alone: other activations, gpt-oss-like clamps whose limits disagree, a product with
 anything else inside (routing weights multiplied into ``up``), grouped GEMMs with a bias or an
 ``out_dtype``, different offsets or inputs for the two projections, intermediates with other
-users, a row fill other than zero.  gpt-oss through transformers adds its per-row gathered bias
-in place (``out.add_(bias[expert_ids])``) and is not matched.  A per-expert Python loop traces
+users, a row fill other than zero.  gpt-oss through transformers adds its per-row bias in place
+(``out.add_(bias[expert_ids])``); that is matched where the ids are provably each row's expert
+(sorted, and the offsets their histogram's running sum), and the op adds each expert's bias
+itself.  A per-expert Python loop traces
 to data-dependent shapes (one graph per routing, or a graph break on ``.tolist()``) and is not matched; the report lists such sites under this family
 (``swiglu.PER_EXPERT_LOOP``).
 """
@@ -132,6 +134,9 @@ class _Site:
     nodes: list[fx.Node]
     row_mask: Optional[fx.Node] = None   # [T, 1] bool: rows zeroed after the GEMM (and after the op)
     spare_casts: tuple[fx.Node, ...] = ()   # a second cast of x that only the up GEMM read
+    bias: Optional[fx.Node] = None        # [E, N'] per-expert bias of the packed GEMM
+    in_place: tuple[fx.Node, ...] = ()    # the site's own in-place nodes (the bias add)
+    dead: tuple[fx.Node, ...] = ()        # nodes only the site read, outside its span (the gather)
 
 
 _CASTS = {"bfloat16": torch.bfloat16, "half": torch.float16, "float": torch.float32, "double": torch.float64}
@@ -178,6 +183,70 @@ def _zero_row_mask(node: fx.Node) -> Optional[tuple[fx.Node, fx.Node]]:
     return source, mask
 
 
+def _call(node: object, targets, method: Optional[str] = None) -> bool:
+    if not isinstance(node, fx.Node):
+        return False
+    return (node.op == "call_function" and node.target in targets) or \
+        (method is not None and node.op == "call_method" and node.target == method)
+
+
+def _sorted_expert_ids(ids: fx.Node, offs: fx.Node, experts: int) -> bool:
+    """Whether ``ids`` are expert ids sorted ascending (``torch.sort(...)[0]``) and ``offs`` their
+    histogram's running sum (``cumsum(histc(ids, bins=E, min=0, max=E-1))``, ids cast as
+    transformers casts them): then ``ids[r]`` is row ``r``'s expert for every row below
+    ``offs[-1]``, whatever is written into ``ids`` past those rows."""
+    if not (ids.op == "call_function" and ids.target is operator.getitem and ids.args[1] == 0):
+        return False
+    sort = ids.args[0]
+    if not _call(sort, (torch.sort, aten.sort.default), "sort") or len(sort.args) != 1:
+        return False
+    if any(k not in ("dim", "descending", "stable") for k in sort.kwargs) or sort.kwargs.get("descending", False):
+        return False
+    t_src = fake(sort.args[0])
+    if t_src is None or t_src.dim() != 1 or sort.kwargs.get("dim", -1) not in (0, -1):
+        return False
+    if not _call(offs, (torch.cumsum, aten.cumsum.default), "cumsum") or len(offs.args) < 1:
+        return False
+    hist = offs.args[0]
+    if not _call(hist, (torch.histc, aten.histc.default), "histc") or len(hist.args) != 1:
+        return False
+    if (hist.kwargs.get("bins"), _number(hist.kwargs.get("min")), _number(hist.kwargs.get("max"))) \
+            != (experts, 0.0, float(experts - 1)):
+        return False
+    source = hist.args[0]
+    cast = _cast(source) if isinstance(source, fx.Node) else None
+    if cast is not None and source.op == "call_method" and source.target in ("float", "int", "long", "to"):
+        source = cast[0]
+    return source is ids
+
+
+def _is_in_place_add(node: fx.Node) -> bool:
+    return node.op == "call_method" and node.target == "add_"
+
+
+def _expert_bias_add(source: fx.Node, offs: fx.Node, width) -> Optional[tuple[fx.Node, fx.Node, fx.Node]]:
+    """(add node, bias, gather) of ``source.add_(bias[ids])``: transformers' gpt-oss adds each
+    row's expert bias gathered by the sorted expert ids in place to the grouped GEMM's output."""
+    adds = [u for u in source.users if _is_in_place_add(u)]
+    if len(adds) != 1:
+        return None
+    add = adds[0]
+    if add.kwargs or len(add.args) != 2 or add.args[0] is not source or add.users:
+        return None
+    gathered = add.args[1]
+    if not (isinstance(gathered, fx.Node) and gathered.op == "call_function" and gathered.target is operator.getitem):
+        return None
+    bias, ids = gathered.args
+    if not isinstance(bias, fx.Node) or not isinstance(ids, fx.Node):
+        return None
+    tb = fake(bias)
+    if tb is None or tb.dim() != 2 or not isinstance(tb.shape[0], int) or not same_size(tb.shape[1], width):
+        return None
+    if not _sorted_expert_ids(ids, offs, tb.shape[0]):
+        return None
+    return add, bias, gathered
+
+
 def _projections(gate: fx.Node, up: fx.Node) -> Optional[_Site]:
     """Two grouped GEMMs of one input and one routing, or the halves of one packed GEMM (whose
     rows a ``masked_fill(mask, 0)`` may zero in between: the gate maps a zero row to zeros)."""
@@ -189,30 +258,47 @@ def _projections(gate: fx.Node, up: fx.Node) -> Optional[_Site]:
             return None
         spare = (mu.x,) if mu.x is not mg.x and set(mu.x.users) == {up} else ()
         return _Site("grouped_mm x2", mg.x, mg.offs, (mg.b, mu.b), None, [gate, up], spare_casts=spare)
-    found = _halves_of_split(gate, up) or _halves_of_slices(gate, up)
+    found = _halves_of_split(gate, up) or _halves_of_slices(gate, up, also_read_by=_is_in_place_add)
     if found is None:
         return None
     kind, layout, nodes, y = found
     mask = None
-    m = _grouped_mm(y)
+    slices = 2 if kind.startswith("interleaved") else 1
+    gemm, m = y, _grouped_mm(y)
     if m is None:
         masked = _zero_row_mask(y)
-        if masked is None or len(masked[0].users) != 1:
+        if masked is None:
             return None
-        source, mask = masked
-        m = _grouped_mm(source)
-        if m is None:
+        gemm, mask = masked
+        m = _grouped_mm(gemm)
+        if m is None or len(y.users) != slices:
             return None
-        nodes = [source, *nodes]
-        kind = f"{kind}, zeroed rows"
-    if len(y.users) != (2 if kind.startswith("interleaved") else 1):
+    # gpt-oss through transformers adds each row's expert bias to the GEMM's output in place
+    bias_add = None
+    if any(_is_in_place_add(u) for u in gemm.users):
+        bias_add = _expert_bias_add(gemm, m.offs, fake(m.b).shape[2])
+        if bias_add is None:
+            return None
+        kind = f"{kind}, per-row expert bias"
+    readers = (1 if mask is not None else slices) + (bias_add is not None)
+    if len(gemm.users) != readers:
         return None
+    if bias_add is not None:
+        nodes = [bias_add[0], *nodes]
+    if mask is not None:   # the slices' nodes hold the masked output; the GEMM comes first
+        nodes = [gemm, *nodes]
+        kind = f"{kind}, zeroed rows"
     tb, tg = fake(m.b), fake(gate)
     if tg is None or not isinstance(tb.shape[2], int) or tb.shape[2] % 2 \
             or not same_size(tg.shape[-1] * 2, tb.shape[2]):
         return None
     name = "transformers fallback" if m.node.target not in _GROUPED_MM else "grouped_mm"
-    return _Site(f"{name} packed {kind}", m.x, m.offs, (m.b,), layout, nodes, row_mask=mask)
+    site = _Site(f"{name} packed {kind}", m.x, m.offs, (m.b,), layout, nodes, row_mask=mask)
+    if bias_add is not None:
+        add, site.bias, gathered = bias_add
+        site.in_place = (add,)
+        site.dead = (gathered,)
+    return site
 
 
 def _only_used_by(node: fx.Node, users: set) -> bool:
@@ -347,11 +433,11 @@ def _resolve(match: Match, form: str):
         if site is None:
             return None
         activation, alpha, limit = "silu", 1.702, 7.0
-    kind = common_tensor_kind([("x", site.x), *[("w", w) for w in site.weights]])
+    kind = common_tensor_kind([("x", site.x), *[("w", w) for w in site.weights], ("bias", site.bias)])
     if kind is None or kind.device.type not in REWRITE_DEVICE_TYPES:
         return None
     anchor = match.output_node()
-    ordered = ordered_pure_span(site.nodes, anchor)
+    ordered = ordered_pure_span(site.nodes, anchor, allowed=site.in_place)
     if ordered is None:
         return None
     site.nodes = ordered
@@ -399,7 +485,7 @@ def _rewrite(match: Match, form: str) -> None:
             args = (site.x, site.offs, *weights, None, None, activation, alpha, limit, save_preact)
             op = graph.call_function(torch.ops.glu_fusion.grouped_swiglu.default, args)
         else:
-            args = (site.x, site.offs, weights[0], None, site.layout, activation, alpha, limit, save_preact)
+            args = (site.x, site.offs, weights[0], site.bias, site.layout, activation, alpha, limit, save_preact)
             op = graph.call_function(torch.ops.glu_fusion.grouped_swiglu_packed.default, args)
         out = graph.call_function(operator.getitem, (op, 0))
         if site.row_mask is not None:   # zero the same rows, as the model did before its gate
@@ -421,7 +507,7 @@ def _rewrite(match: Match, form: str) -> None:
     for b in site.weights:   # a transpose only the grouped GEMM read is unused now
         if _is_swap_of_last_two(b) and not b.users:
             graph.erase_node(b)
-    for cast in site.spare_casts:
+    for cast in (*site.spare_casts, *site.dead):
         if not cast.users:
             graph.erase_node(cast)
 

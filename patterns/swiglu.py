@@ -448,12 +448,14 @@ def _parity(node: fx.Node) -> Optional[tuple[fx.Node, int]]:
     return y, start
 
 
-def _halves_of_slices(gate: fx.Node, up: fx.Node):
+def _halves_of_slices(gate: fx.Node, up: fx.Node, also_read_by=lambda node: False):
+    """``y[..., ::2]`` and ``y[..., 1::2]``; ``y`` read by nothing else (but the nodes
+    ``also_read_by`` accepts, which the caller checks itself)."""
     pg, pu = _parity(gate), _parity(up)
     if pg is None or pu is None or pg[0] is not pu[0] or {pg[1], pu[1]} != {0, 1}:
         return None
     y = pg[0]
-    if set(y.users) != {gate, up}:
+    if {u for u in y.users if not also_read_by(u)} != {gate, up}:
         return None
     layout = INTERLEAVED_GATE_EVEN if pg[1] == 0 else INTERLEAVED_UP_EVEN
     return "interleaved", layout, [y, gate, up], y

@@ -1,7 +1,8 @@
 """Expert blocks spelled exactly as the code people run spells them, for graphs that CI can
 build without the libraries installed.
 
-* :class:`HFGroupedMMExperts`: transformers 5.17.0, ``src/transformers/integrations/moe.py``,
+* :class:`HFGroupedMMExperts`: transformers 5.17.0 (``sentinel_masks=False``: 5.18.0, which zeroes
+  the rows routed to no local expert only under expert parallelism), ``src/transformers/integrations/moe.py``,
   ``grouped_mm_experts_forward`` with its helpers ``_grouped_linear`` / ``_grouped_mm`` and the
   default ``_apply_gate`` (``chunk(2, dim=-1)``, ``act_fn(gate) * up``), as
   ``@use_experts_implementation`` runs it for Qwen3-MoE / Qwen3-Next / DeepSeek-V3 experts
@@ -97,8 +98,10 @@ class HFGroupedMMExperts(nn.Module):
     top_k_index, top_k_weights)`` is ``grouped_mm_experts_forward``."""
 
     def __init__(self, num_experts: int, hidden: int, inter: int, dtype=torch.float32, gptoss: bool = False,
-                 seed: int = 0, act: nn.Module = None) -> None:
+                 seed: int = 0, act: nn.Module = None, sentinel_masks: bool = True) -> None:
         super().__init__()
+        # 5.17 zeroes the sentinel rows around each GEMM; 5.18 only under expert parallelism
+        self.sentinel_masks = sentinel_masks
         g = torch.Generator().manual_seed(seed)
 
         def p(*shape, s):
@@ -140,20 +143,25 @@ class HFGroupedMMExperts(nn.Module):
         histc_input = expert_ids_g.float() if device.type in ("cpu", "mps") else expert_ids_g.int()
         tokens_per_expert = torch.histc(histc_input, bins=self.num_experts, min=0, max=self.num_experts - 1)
         offsets = torch.cumsum(tokens_per_expert, dim=0, dtype=torch.int32)
-        sentinel_mask = (expert_ids_g >= self.num_experts).unsqueeze(-1)
-        expert_ids_g.clamp_(max=self.num_experts - 1)
+        sentinel_mask = None
+        if self.sentinel_masks:
+            sentinel_mask = (expert_ids_g >= self.num_experts).unsqueeze(-1)
+            expert_ids_g.clamp_(max=self.num_experts - 1)
         selected_weights = self.gate_up_proj
         selected_biases = self.gate_up_proj_bias[expert_ids_g] if self.has_bias else None
-        selected_hidden_states_g.masked_fill_(sentinel_mask, 0.0)
+        if sentinel_mask is not None:
+            selected_hidden_states_g.masked_fill_(sentinel_mask, 0.0)
         proj_out = _hf_grouped_linear(selected_hidden_states_g, selected_weights, offsets, bias=selected_biases,
                                       is_transposed=self.is_transposed)
-        proj_out = proj_out.masked_fill(sentinel_mask, 0.0)
+        if sentinel_mask is not None:
+            proj_out = proj_out.masked_fill(sentinel_mask, 0.0)
         proj_out = self._apply_gate(proj_out)
         selected_weights = self.down_proj
         selected_biases = self.down_proj_bias[expert_ids_g] if self.has_bias else None
         proj_out = _hf_grouped_linear(proj_out, selected_weights, offsets, bias=selected_biases,
                                       is_transposed=self.is_transposed)
-        proj_out = proj_out.masked_fill(sentinel_mask, 0.0)
+        if sentinel_mask is not None:
+            proj_out = proj_out.masked_fill(sentinel_mask, 0.0)
         weighted_out = proj_out * sample_weights_g.unsqueeze(-1)
         inv_perm = torch.empty_like(perm)
         inv_perm[perm] = torch.arange(perm.size(0), device=device)
