@@ -33,7 +33,12 @@ def signature(spec, dtype):
             sig[name] = "constexpr"
             constexprs[(i,)] = spec.constexprs[name]
         elif name in dict(spec.pointers):
-            sig[name] = f"*{elem}" if dict(spec.pointers)[name] == "operand" else "*i32"
+            kind = dict(spec.pointers)[name]
+            if kind is None:  # not given in this launch
+                sig[name] = "constexpr"
+                constexprs[(i,)] = None
+            else:
+                sig[name] = {"operand": f"*{elem}", "int32": "*i32", "fp32": "*fp32"}[kind]
         elif name in spec.floats:
             sig[name] = "fp32"
         elif name.endswith("_ptr"):

@@ -138,8 +138,10 @@ def measure_block(name: str, tokens: int) -> dict:
 
 def measure_gemms(name: str, tokens: int, skew: float = 0.0) -> dict:
     """Our grouped kernels alone against torch._grouped_mm on the same operands (silu weights):
-    the portable kernels, and on Hopper the engine's grouped forward (``*_engine``); the dense
-    cuBLAS GEMM of the same FLOPs as a reference point."""
+    the portable kernels, and on Hopper the engine's grouped forward and down projection
+    (``*_engine``; ``down_scatter``: each row to its token slot times its routing weight, against
+    grouped_mm and Inductor's multiply and ``index_copy``); the dense cuBLAS GEMM of the same
+    FLOPs as a reference point."""
     from glu_fusion.kernels import engine
     from glu_fusion.kernels.portable.grouped_gemm import grouped_input_grad, grouped_swiglu_forward, grouped_weight_grad
     k, n, e, topk, _, _ = CONFIGS[name]
@@ -170,11 +172,35 @@ def measure_gemms(name: str, tokens: int, skew: float = 0.0) -> dict:
         cases["fwd_gated_saving_preact_engine"] = (
             lambda: host.grouped_swiglu_forward(x, offs, w1, w3, None, None, out, pre[:, :n], pre[:, n:]),
             cases["fwd_gated"][1])
+    # the down projection [T, N] -> [T, K]: in place, and scattered to token slots times the routing
+    # weights (the combine's scale and unpermute; baseline: grouped_mm, then Inductor's multiply and
+    # index_copy)
+    w2 = torch.randn(e, k, n, device="cuda", dtype=torch.bfloat16) * n ** -0.5
+    down_out = torch.empty(t, k, device="cuda", dtype=torch.bfloat16)
+    dest = torch.randperm(t, device="cuda").to(torch.int32)
+    dest_long, slot_weights = dest.long(), torch.rand(t, device="cuda")
+    slots = torch.empty(t, k, device="cuda", dtype=torch.bfloat16)
+
+    @torch.compile
+    def scale_scatter(y, weights, index, into):
+        return into.index_copy_(0, index, (y.float() * weights[index].unsqueeze(1)).to(y.dtype))
+
+    down_mm = lambda: mm(out, w2.transpose(-2, -1), offs=offs)
+    cases["down"] = (None, down_mm)
+    cases["down_scatter"] = (None, lambda: scale_scatter(down_mm(), slot_weights, dest_long, slots))
+    if engine.available(x.device):
+        cases["dx_engine"] = (lambda: host.grouped_matmul(dh, offs, w13.transpose(1, 2), dx), cases["dx"][1])
+        cases["down_engine"] = (lambda: host.grouped_matmul(out, offs, w2, down_out), down_mm)
+        cases["down_scatter_engine"] = (
+            lambda: host.grouped_matmul(out, offs, w2, slots, dest=dest, scale=slot_weights),
+            cases["down_scatter"][1])
     x_dense, w_dense = x, torch.randn(2 * n, k, device="cuda", dtype=torch.bfloat16)
     row = {"config": name, "tokens": tokens, "rows": t, "skew": skew,
            "dense_gate_up_ms": bench(lambda: x_dense @ w_dense.t())}
     for case, (ours, theirs) in cases.items():
         for who, fn in (("ours", ours), ("grouped_mm", theirs)):
+            if fn is None:  # a baseline-only case (the portable kernels have no down projection)
+                continue
             try:
                 fn()
                 torch.cuda.synchronize()
@@ -213,8 +239,8 @@ def markdown(blocks: list, gemms: list, env: dict) -> str:
     for r in gemms:
         routed = f"skewed (Dirichlet {r['skew']})" if r.get("skew") else "balanced"
         for case in ("fwd_gated", "fwd_gated_saving_preact", "fwd_gated_engine", "fwd_gated_saving_preact_engine",
-                     "dx", "dw"):
-            if f"{case}_ours_ms" in r or f"{case}_ours_error" in r:
+                     "dx", "dx_engine", "dw", "down", "down_engine", "down_scatter", "down_scatter_engine"):
+            if any(f"{case}_{who}_{what}" in r for who in ("ours", "grouped_mm") for what in ("ms", "error")):
                 lines.append(f"| {r['config']} {routed} | {case} | {cell(r, f'{case}_ours_ms')} | "
                              f"{cell(r, f'{case}_grouped_mm_ms')} | {ratio(r, f'{case}_grouped_mm_ms', f'{case}_ours_ms')} |")
         lines.append(f"| {r['config']} {routed} | dense cuBLAS gate/up, same FLOPs | – | {cell(r, 'dense_gate_up_ms')} | – |")

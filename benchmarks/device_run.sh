@@ -85,7 +85,7 @@ for stage in $stages; do
             if [ -d .anchors ]; then (cd .anchors && timeout 60 python3 gluon_probe.py 2>&1 | tail -7 | tee "$OUT/anchor_gemm.txt"); fi ;;
     epilogues) # the engine's new kernels in one call: their GPU tests, the fused epilogues against cuBLAS and
                # Inductor's elementwise pass (fair baselines), the grouped GEMMs, and ncu of the dgated kernel
-               timeout 170 python3 -m pytest -q -n 6 tests/test_gpu_engine.py -k "dgated or grouped_swiglu or test_gpu_grouped or test_gpu_pass" \
+               timeout 170 python3 -m pytest -q -n 6 tests/test_gpu_engine.py -k "dgated or grouped_swiglu or grouped_matmul or test_gpu_grouped or test_gpu_pass" \
                  tests/test_gpu_grouped.py tests/test_gpu_pass.py -rfE --tb=short -p no:cacheprovider \
                  > "$OUT/epilogue_tests.log" 2>&1; echo "tests rc=$?"; tail -12 "$OUT/epilogue_tests.log"
                timeout 200 python3 benchmarks/bench_engine.py --only epilogues --quick \

@@ -35,3 +35,20 @@ def test_split_steps_counts_only_splits_that_own_steps(k, splits, owning):
     """576 = 9 steps of 64: cut in 4, three splits of 3 steps own all of them (the fourth none)."""
     from glu_fusion.kernels.engine import host
     assert host.split_steps(k, host.WEIGHT_GRAD_SPLIT, splits) == owning
+
+
+def test_grouped_matmul_serves_only_what_the_kernel_reads():
+    from glu_fusion.kernels.engine import host
+    bf = torch.bfloat16
+    a, out = torch.randn(64, 64, dtype=bf), torch.empty(64, 32, dtype=bf)
+    w = torch.randn(4, 32, 64, dtype=bf)
+    dest, scale = torch.arange(64, dtype=torch.int32), torch.ones(64)
+    assert host.grouped_matmul_serves(a, w, out)
+    assert host.grouped_matmul_serves(a, w, out, dest, scale)
+    assert host.grouped_matmul_serves(a, torch.randn(4, 64, 32, dtype=bf).transpose(1, 2), out)  # [E, K, N] storage
+    assert not host.grouped_matmul_serves(a, w, out, dest.long())  # slots are int32
+    assert not host.grouped_matmul_serves(a, w, out, dest[:32])  # one slot per row
+    assert not host.grouped_matmul_serves(a, w, out, dest, scale.to(bf))  # routing weights in fp32
+    assert not host.grouped_matmul_serves(a, w.float(), out)  # operands of one dtype
+    assert not host.grouped_matmul_serves(a, torch.randn(32, 4, 64, dtype=bf).transpose(0, 1), out)  # experts interleaved
+    assert not host.grouped_matmul_serves(a[:0], w, out)

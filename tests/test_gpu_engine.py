@@ -235,3 +235,58 @@ def test_grouped_swiglu(dtype, routing, layout, variant):
         assert rel(g[:end], g64[:end]) <= 2 * rel(g_e[:end], g64[:end]) + 1e-4
         assert rel(u[:end], u64[:end]) <= 2 * rel(u_e[:end], u64[:end]) + 1e-4
         assert torch.equal(pre[end:], torch.zeros_like(pre[end:]))
+
+
+# --- grouped (expert) plain GEMM: the down projection, in place or scattered to token slots ------
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("routing", ["balanced", "skewed", "tail"])
+@pytest.mark.parametrize("layout", ["separate", "transposed"])
+@pytest.mark.parametrize("variant", ["plain", "bias", "scatter", "scatter_scaled_bias"])
+def test_grouped_matmul(dtype, routing, layout, variant):
+    from glu_fusion import grouped_reference
+    t, e, n, k = 1000, 8, 264, 512
+    torch.manual_seed(t + e + k)
+    a = torch.randn(t, k, device="cuda", dtype=dtype)
+    offsets = _routing(t, e, routing)
+    if layout == "separate":
+        w = torch.randn(e, n, k, device="cuda", dtype=dtype) / k ** 0.5
+    else:  # an [E, K, N] storage read in place (N-major)
+        w = (torch.randn(e, k, n, device="cuda", dtype=dtype) / k ** 0.5).transpose(1, 2)
+    bias = torch.randn(e, n, device="cuda", dtype=dtype) if "bias" in variant else None
+    end = int(offsets[-1])
+    y64, _ = grouped_reference.grouped_preact(a.double(), offsets, w.double(), w.double(),
+                                              None if bias is None else bias.double(), None)
+    y_e, _ = grouped_reference.grouped_preact(a, offsets, w, w, bias, bias)  # eager, rounded to the dtype
+    if not variant.startswith("scatter"):
+        assert host.grouped_matmul_serves(a, w, torch.empty(t, n, device="cuda", dtype=dtype))
+        out = torch.full((t, n), float("nan"), device="cuda", dtype=dtype)
+        host.grouped_matmul(a, offsets, w, out, bias)
+        assert not out.isnan().any()
+        assert rel(out[:end], y64[:end]) <= 2 * rel(y_e[:end], y64[:end]) + 1e-4
+        assert torch.equal(out[end:], torch.zeros_like(out[end:]))  # the padded tail
+        return
+    slots = t + 7  # every row a distinct slot; seven slots no row names
+    dest = torch.randperm(slots, device="cuda")[:t].to(torch.int32)
+    scale = torch.rand(slots, device="cuda") + 0.5 if "scaled" in variant else None
+    out = torch.full((slots, n), float("nan"), device="cuda", dtype=dtype)
+    assert host.grouped_matmul_serves(a, w, out, dest, scale)
+    host.grouped_matmul(a, offsets, w, out, bias, dest=dest, scale=scale)
+    routed = dest[:end].long()
+    factor = scale[routed].double().unsqueeze(1) if scale is not None else 1.0
+    ref = y64[:end] * factor
+    eager = (y_e[:end].float() * (scale[routed].unsqueeze(1) if scale is not None else 1.0)).to(dtype)
+    assert not out[routed].isnan().any()
+    assert rel(out[routed], ref) <= 2 * rel(eager, ref) + 1e-4
+    untouched = torch.ones(slots, dtype=torch.bool, device="cuda")
+    untouched[routed] = False
+    assert out[untouched].isnan().all()  # the tail's rows and the unnamed slots are never written
+
+
+def test_grouped_matmul_scale_needs_slots():
+    a = torch.randn(64, 64, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(2, 64, 64, device="cuda", dtype=torch.bfloat16)
+    offsets = torch.tensor([32, 64], device="cuda", dtype=torch.int32)
+    with pytest.raises(ValueError, match="slots"):
+        host.grouped_matmul(a, offsets, w, torch.empty(64, 64, device="cuda", dtype=torch.bfloat16),
+                            scale=torch.ones(64, device="cuda"))

@@ -57,7 +57,8 @@ CASES = [
 
 @pytest.fixture(params=["portable", "engine"])
 def forward_kernel(request, monkeypatch):
-    """The portable forward, or the Hopper engine's grouped forward where it serves the operands."""
+    """The portable kernels, or the Hopper engine's grouped kernels where they serve the operands
+    (the forward, and dX of a packed weight's halves)."""
     if request.param == "engine":
         from glu_fusion.kernels import engine
         from glu_fusion.ops import grouped_swiglu

@@ -155,3 +155,20 @@ def test_bad_arguments(reference_path):
         functional.grouped_swiglu(torch.randn(4, 6), offsets_of([1, 3]), w, w)
     with pytest.raises(ValueError, match="layout"):
         functional.grouped_swiglu_packed(x, offsets_of([1, 3]), torch.randn(2, 8, 8), layout="zigzag")
+
+
+def test_stacked_halves_finds_one_packed_weight_only():
+    from glu_fusion.ops.grouped_swiglu import stacked_halves
+    w = torch.randn(3, 8, 5)  # [E, 2N, K], gate rows first
+    stacked = stacked_halves(w[:, :4], w[:, 4:])
+    assert stacked is not None and torch.equal(stacked, w)
+    t = torch.randn(3, 5, 8).transpose(1, 2)  # an [E, K, 2N] storage: halves follow along dim 1 too
+    assert torch.equal(stacked_halves(t[:, :4], t[:, 4:]), t)
+    assert stacked_halves(w[:, 4:], w[:, :4]) is None  # up first
+    assert stacked_halves(torch.randn(3, 4, 5), torch.randn(3, 4, 5)) is None  # separate weights
+    assert stacked_halves(w[:, 0::2], w[:, 1::2]) is None  # interleaved rows
+    assert torch.equal(stacked_halves(w[:, :3], w[:, 3:6]), w[:, :6])  # rows past the halves are no matter
+    base = torch.randn(80)
+    gate = torch.as_strided(base, (3, 4, 5), (20, 5, 1))
+    up = torch.as_strided(base, (3, 4, 5), (20, 5, 1), 20)  # each expert's up half is the next one's gate
+    assert stacked_halves(gate, up) is None

@@ -41,9 +41,10 @@ from .swiglu import packed_views
 
 ACTIVATION_CODES = {"silu": 0, "gptoss": 1}
 
-#: Whether the Hopper engine's grouped forward (``kernels.engine.host.grouped_swiglu_forward``)
-#: runs expert forwards it can serve.  Off until benchmarks/bench_moe.py measures it against the
-#: portable kernel and ``torch._grouped_mm``; the GPU tests turn it on.
+#: Whether the Hopper engine's grouped kernels run what they can serve: the forward
+#: (``kernels.engine.host.grouped_swiglu_forward``) and the input gradient of gate and up halves
+#: of one packed weight (``host.grouped_matmul``).  Off until benchmarks/bench_moe.py measures them
+#: against the portable kernels and ``torch._grouped_mm``; the GPU tests turn it on.
 ENGINE_GROUPED = False
 
 
@@ -55,6 +56,38 @@ def _engine_serves(x: Tensor, w_gate: Tensor, w_up: Tensor, out: Tensor, preact:
     n = w_gate.shape[1]
     halves = (preact[:, :n], preact[:, n:]) if preact is not None else (None, None)
     return grouped_serves(x, w_gate, w_up, out, *halves)
+
+
+def stacked_halves(w_gate: Tensor, w_up: Tensor) -> Optional[Tensor]:
+    """The ``[E, 2N, K]`` weight whose rows are ``w_gate``'s then ``w_up``'s, as a view, where
+    ``w_up`` follows ``w_gate`` along dim 1 in memory (the halves of one concatenated weight);
+    otherwise None."""
+    e, n, k = w_gate.shape
+    if w_up.shape != w_gate.shape or w_up.stride() != w_gate.stride() or w_up.dtype != w_gate.dtype:
+        return None
+    if w_up.data_ptr() != w_gate.data_ptr() + n * w_gate.stride(1) * w_gate.element_size():
+        return None
+    if e > 1 and abs(w_gate.stride(0)) < 2 * n * abs(w_gate.stride(1)):
+        return None  # one expert's up half would overlap the next expert's gate half
+    return torch.as_strided(w_gate, (e, 2 * n, k), w_gate.stride(), w_gate.storage_offset())
+
+
+def _engine_dx(dh: Tensor, offsets: Tensor, w_gate: Tensor, w_up: Tensor) -> Optional[Tensor]:
+    """``dX = dH·[Wg; Wu]`` per expert as one grouped GEMM on the engine, where it serves the
+    operands (a packed weight's halves); None otherwise."""
+    from ..kernels import engine
+    if not (ENGINE_GROUPED and engine.available(dh.device)):
+        return None
+    weight = stacked_halves(w_gate, w_up)
+    if weight is None:
+        return None
+    from ..kernels.engine.host import grouped_matmul, grouped_matmul_serves
+    dx = dh.new_empty((dh.shape[0], w_gate.shape[2]))
+    as_kn = weight.transpose(1, 2)  # [E, K, 2N]: output columns K, reduction over 2N
+    if not grouped_matmul_serves(dh, as_kn, dx):
+        return None
+    grouped_matmul(dh, offsets, as_kn, dx)
+    return dx
 
 
 def expert_views(t: Tensor, layout: int) -> tuple[Tensor, Tensor]:
@@ -197,6 +230,9 @@ def _(dout, preact, offsets, activation, alpha, limit):
 @torch.library.custom_op("glu_fusion::grouped_swiglu_dx", mutates_args=())
 def grouped_swiglu_dx(dh: Tensor, offsets: Tensor, w_gate: Tensor, w_up: Tensor) -> Tensor:
     if use_gemm_kernels(dh):
+        dx = _engine_dx(dh, offsets, w_gate, w_up)
+        if dx is not None:
+            return dx
         from ..kernels.portable.grouped_gemm import grouped_input_grad
         dx = dh.new_empty((dh.shape[0], w_gate.shape[2]))
         grouped_input_grad(dh, offsets, w_gate, w_up, dx, allow_tf32())

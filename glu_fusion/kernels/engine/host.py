@@ -77,8 +77,8 @@ class Spec:
     blocks: dict
     constexprs: dict
     fp32_descriptors: tuple = ()
-    #: pointer parameters that are always given, by kind ("operand": the operands' dtype,
-    #: "int32"); other ``*_ptr`` parameters are bias pointers, given with HAS_BIAS
+    #: pointer parameters by kind ("operand": the operands' dtype, "int32", "fp32", or None: not
+    #: given in this launch); other ``*_ptr`` parameters are bias pointers, given with HAS_BIAS
     pointers: tuple = ()
     #: fp32 scalar parameters
     floats: tuple = ()
@@ -100,6 +100,8 @@ DGATED_WIDE = Config(128, 256, 32, 3, store_n=64)
 WEIGHT_GRAD_SPLIT = Config(128, 256, 64, 3, store_n=64)
 # The expert SwiGLU forward: the dense training forward's tiles (not measured on experts yet).
 GROUPED_SWIGLU = Config(128, 128, 64, 4)
+# The experts' down projection: the plain GEMM's tiles (not measured on experts yet).
+GROUPED_GEMM = Config(128, 256, 64, 3)
 
 
 def _kmajor(t: Tensor) -> bool:
@@ -328,6 +330,66 @@ def grouped_serves(x: Tensor, w_gate: Tensor, w_up: Tensor, h: Tensor, g: Option
     return all(addressable(t) for t in (x, views[0][0], views[1][0], h, g, u))
 
 
+def grouped_gemm_spec(cfg: Config, b_kmajor: bool, has_bias: bool, scatter: bool, has_scale: bool,
+                      group_pow2: int) -> Spec:
+    rows, bk, bn = cfg.consumer_rows, cfg.block_k, cfg.block_n
+    blocks = dict(a_desc=(rows, bk), b_desc=(bn, bk) if b_kmajor else (bk, bn), c_desc=(rows, cfg.piece_n))
+    common = _common(cfg)
+    del common["PINGPONG"]
+    return Spec(kernels.grouped_gemm_kernel, blocks,
+                dict(HAS_BIAS=has_bias, SCATTER=scatter, HAS_SCALE=has_scale, B_KMAJOR=b_kmajor,
+                     STORE_BUFS=cfg.store_bufs, GROUP_POW2=group_pow2, **common),
+                pointers=(("c_ptr", "operand"), ("dest_ptr", "int32" if scatter else None),
+                          ("scale_ptr", "fp32" if has_scale else None), ("ends_ptr", "int32"),
+                          ("tile_cum_ptr", "int32")))
+
+
+def grouped_matmul(a: Tensor, offsets: Tensor, w: Tensor, out: Tensor, bias: Optional[Tensor] = None,
+                   dest: Optional[Tensor] = None, scale: Optional[Tensor] = None,
+                   cfg: Optional[Config] = None) -> None:
+    """Rows of ``a`` sorted by expert (``offsets``: cumulative rows per expert) times their
+    expert's ``w[e]ᵀ`` (``w`` an ``[E, N, K]`` view, as ``expert_rows`` reads it) plus its bias
+    ``[E, N]``.  Without ``dest``: ``out[r]`` for every row (rows from ``offsets[-1]`` on get
+    zeros).  With ``dest`` (int32, one slot per row of ``a``): ``out[dest[r]]`` for the routed
+    rows, times ``scale[dest[r]]`` (fp32, one routing weight per slot) when given; slots no row
+    names keep what they held.  The caller checks ``grouped_matmul_serves``."""
+    from ..portable.grouped_gemm import work_list
+    cfg = cfg or GROUPED_GEMM
+    t, k = a.shape
+    e, n, _ = w.shape
+    w2, between, kmajor = expert_rows(w)
+    scatter = dest is not None
+    if scale is not None and not scatter:
+        raise ValueError("glu_fusion engine: a routing-weight scale needs the rows' slots (dest)")
+    ends, tile_cum, max_tiles = work_list(offsets, t, cfg.block_m)
+    spec = grouped_gemm_spec(cfg, kmajor, bias is not None, scatter, scale is not None,
+                             triton.next_power_of_2(e + 1))
+    bias_args = (bias, bias.stride(1), bias.stride(0)) if bias is not None else (None, 0, 0)
+    units = max_tiles * triton.cdiv(n, cfg.block_n)
+    grid = (min(units, multiprocessors(out.device.index if out.device.index is not None
+                                       else torch.cuda.current_device())),)
+    _launch(spec, grid, dict(a_desc=a, b_desc=w2, c_desc=out),
+            (out, out.stride(0), *bias_args, dest, scale, ends, tile_cum, e + 1, between, t, n, k))
+
+
+def grouped_matmul_serves(a: Tensor, w: Tensor, out: Tensor, dest: Optional[Tensor] = None,
+                          scale: Optional[Tensor] = None, cfg: Optional[Config] = None) -> bool:
+    """Whether ``grouped_matmul`` can run these operands: TMA-addressable rows, an expert weight
+    ``expert_rows`` reads (N-major: whole reduction steps per expert), contiguous int32 slots and
+    fp32 routing weights."""
+    cfg = cfg or GROUPED_GEMM
+    if a.shape[0] == 0 or a.shape[1] == 0 or w.shape[0] == 0 or w.dtype != a.dtype:
+        return False
+    view = expert_rows(w)
+    if view is None or (not view[2] and a.shape[1] % cfg.block_k):
+        return False
+    if dest is not None and (dest.dtype != torch.int32 or not dest.is_contiguous() or dest.shape != a.shape[:1]):
+        return False
+    if scale is not None and (scale.dtype != torch.float32 or not scale.is_contiguous()):
+        return False
+    return all(addressable(t) for t in (a, view[0], out))
+
+
 def route_specs() -> list[tuple[str, Spec, torch.dtype]]:
     """Every launch the ops can make, by name: what CI compiles for sm_90."""
     specs = []
@@ -350,4 +412,9 @@ def route_specs() -> list[tuple[str, Spec, torch.dtype]]:
                                               (False, False, True, 0)):
             specs.append((f"grouped swiglu w_kmajor={b_kmajor} bias={has_bias} save={save} act={act} {tag}",
                           grouped_swiglu_spec(GROUPED_SWIGLU, b_kmajor, has_bias, save, act, 256), dtype))
+        for b_kmajor, has_bias, scatter, has_scale in ((True, False, False, False), (True, True, True, True),
+                                                       (False, False, True, True), (False, True, False, False)):
+            specs.append((f"grouped gemm w_kmajor={b_kmajor} bias={has_bias} scatter={scatter} scale={has_scale} "
+                          f"{tag}", grouped_gemm_spec(GROUPED_GEMM, b_kmajor, has_bias, scatter, has_scale, 256),
+                          dtype))
     return specs

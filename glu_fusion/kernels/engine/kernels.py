@@ -66,6 +66,25 @@ def grouped_swiglu_kernel(a_desc, bg_desc, bu_desc, h_desc, g_desc, u_desc, h_pt
 
 
 @gluon.jit
+def grouped_gemm_kernel(a_desc, b_desc, c_desc, c_ptr, c_stride, bias_ptr, bias_stride, bias_expert_stride, dest_ptr,
+                        scale_ptr, ends_ptr, tile_cum_ptr, groups, b_group_rows, T, N, K, HAS_BIAS: gl.constexpr,
+                        SCATTER: gl.constexpr, HAS_SCALE: gl.constexpr, B_KMAJOR: gl.constexpr,
+                        STAGES: gl.constexpr, STORE_BUFS: gl.constexpr, GROUP_M: gl.constexpr,
+                        GROUP_POW2: gl.constexpr, CONSUMER_REGS: gl.constexpr):
+    """Each expert's rows times its weight (+ its bias): rows of A sorted by expert, the work
+    list of ``portable.grouped_gemm.work_list``, each expert's weight ``b_group_rows`` rows of
+    the B descriptor apart; with ``SCATTER`` each output row goes to row ``dest[r]`` of C,
+    scaled by ``scale[dest[r]]`` when ``HAS_SCALE``."""
+    staging = _staging(c_desc, CONSUMERS * STORE_BUFS)
+    run(a_desc, b_desc, b_desc, T, N, K, 1, (c_desc, staging, c_ptr, c_stride, bias_ptr, bias_stride,
+                                          bias_expert_stride, groups - 1, gl.constexpr(HAS_BIAS),
+                                          gl.constexpr(SCATTER), gl.constexpr(HAS_SCALE), dest_ptr, scale_ptr),
+        1, True, B_KMAJOR, False, STAGES, GROUP_M, gl.constexpr(epilogues.no_begin),
+        gl.constexpr(epilogues.grouped_end), CONSUMER_REGS, (ends_ptr, tile_cum_ptr, groups, b_group_rows), True,
+        GROUP_POW2)
+
+
+@gluon.jit
 def dgated_kernel(a_desc, b_desc, g_desc, u_desc, dg_desc, du_desc, h_desc, M, N, K, B_KMAJOR: gl.constexpr, STAGES: gl.constexpr,
                   GROUP_M: gl.constexpr, CONSUMER_REGS: gl.constexpr):
     """``dh = dOut·Wd`` with the SwiGLU backward in the epilogue (cooperative schedule: the
