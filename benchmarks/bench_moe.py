@@ -178,21 +178,21 @@ def measure_gemms(name: str, tokens: int, skew: float = 0.0) -> dict:
     w2 = torch.randn(e, k, n, device="cuda", dtype=torch.bfloat16) * n ** -0.5
     down_out = torch.empty(t, k, device="cuda", dtype=torch.bfloat16)
     dest = torch.randperm(t, device="cuda").to(torch.int32)
-    dest_long, slot_weights = dest.long(), torch.rand(t, device="cuda")
+    dest_long, row_weights = dest.long(), torch.rand(t, device="cuda")
     slots = torch.empty(t, k, device="cuda", dtype=torch.bfloat16)
 
     @torch.compile
     def scale_scatter(y, weights, index, into):
-        return into.index_copy_(0, index, (y.float() * weights[index].unsqueeze(1)).to(y.dtype))
+        return into.index_copy_(0, index, (y.float() * weights.unsqueeze(1)).to(y.dtype))
 
     down_mm = lambda: mm(out, w2.transpose(-2, -1), offs=offs)
     cases["down"] = (None, down_mm)
-    cases["down_scatter"] = (None, lambda: scale_scatter(down_mm(), slot_weights, dest_long, slots))
+    cases["down_scatter"] = (None, lambda: scale_scatter(down_mm(), row_weights, dest_long, slots))
     if engine.available(x.device):
         cases["dx_engine"] = (lambda: host.grouped_matmul(dh, offs, w13.transpose(1, 2), dx), cases["dx"][1])
         cases["down_engine"] = (lambda: host.grouped_matmul(out, offs, w2, down_out), down_mm)
         cases["down_scatter_engine"] = (
-            lambda: host.grouped_matmul(out, offs, w2, slots, dest=dest, scale=slot_weights),
+            lambda: host.grouped_matmul(out, offs, w2, slots, dest=dest, scale=row_weights),
             cases["down_scatter"][1])
     x_dense, w_dense = x, torch.randn(2 * n, k, device="cuda", dtype=torch.bfloat16)
     row = {"config": name, "tokens": tokens, "rows": t, "skew": skew,

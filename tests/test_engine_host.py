@@ -49,6 +49,7 @@ def test_grouped_matmul_serves_only_what_the_kernel_reads():
     assert not host.grouped_matmul_serves(a, w, out, dest.long())  # slots are int32
     assert not host.grouped_matmul_serves(a, w, out, dest[:32])  # one slot per row
     assert not host.grouped_matmul_serves(a, w, out, dest, scale.to(bf))  # routing weights in fp32
+    assert not host.grouped_matmul_serves(a, w, out, dest, scale[:32])  # one weight per row
     assert not host.grouped_matmul_serves(a, w.float(), out)  # operands of one dtype
     assert not host.grouped_matmul_serves(a, torch.randn(32, 4, 64, dtype=bf).transpose(0, 1), out)  # experts interleaved
     assert not host.grouped_matmul_serves(a[:0], w, out)

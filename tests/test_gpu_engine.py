@@ -268,19 +268,21 @@ def test_grouped_matmul(dtype, routing, layout, variant):
         return
     slots = t + 7  # every row a distinct slot; seven slots no row names
     dest = torch.randperm(slots, device="cuda")[:t].to(torch.int32)
-    scale = torch.rand(slots, device="cuda") + 0.5 if "scaled" in variant else None
+    scale = torch.rand(t, device="cuda") + 0.5 if "scaled" in variant else None  # one weight per row
     out = torch.full((slots, n), float("nan"), device="cuda", dtype=dtype)
     assert host.grouped_matmul_serves(a, w, out, dest, scale)
     host.grouped_matmul(a, offsets, w, out, bias, dest=dest, scale=scale)
     routed = dest[:end].long()
-    factor = scale[routed].double().unsqueeze(1) if scale is not None else 1.0
+    factor = scale[:end].double().unsqueeze(1) if scale is not None else 1.0
     ref = y64[:end] * factor
-    eager = (y_e[:end].float() * (scale[routed].unsqueeze(1) if scale is not None else 1.0)).to(dtype)
+    eager = (y_e[:end].float() * (scale[:end].unsqueeze(1) if scale is not None else 1.0)).to(dtype)
     assert not out[routed].isnan().any()
     assert rel(out[routed], ref) <= 2 * rel(eager, ref) + 1e-4
-    untouched = torch.ones(slots, dtype=torch.bool, device="cuda")
-    untouched[routed] = False
-    assert out[untouched].isnan().all()  # the tail's rows and the unnamed slots are never written
+    tail = dest[end:].long()
+    assert torch.equal(out[tail], torch.zeros_like(out[tail]))  # the padded tail's slots: zeros
+    unnamed = torch.ones(slots, dtype=torch.bool, device="cuda")
+    unnamed[dest.long()] = False
+    assert out[unnamed].isnan().all()  # slots no row names are never written
 
 
 def test_grouped_matmul_scale_needs_slots():

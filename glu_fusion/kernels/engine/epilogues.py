@@ -129,11 +129,12 @@ def plain_end(epi, acc, _unused, row, col, j, WG: gl.constexpr, M, N, group):
 
 
 @gluon.jit
-def _scatter_rows(ptr, stride, dest_ptr, scale_ptr, acc, row, col, row_end, N, dtype: gl.constexpr,
+def _scatter_rows(ptr, stride, dest_ptr, scale_ptr, acc, row, col, row_end, routed, N, dtype: gl.constexpr,
                   HAS_SCALE: gl.constexpr):
     """Pointer stores of rows below ``row_end`` to the output rows ``dest[row]`` (a routed row's
-    token slot), each scaled by ``scale[dest[row]]`` (its routing weight, fp32) after rounding to
-    the output dtype, as the unfused GEMM's output is rounded before the multiply."""
+    token slot), each scaled by its ``scale[row]`` (its routing weight, fp32) after rounding to
+    the output dtype, as the unfused GEMM's output is rounded before the multiply.  The padded
+    tail (``routed`` 0) stores zeros, so that every slot of a permutation is written once."""
     LAYOUT: gl.constexpr = acc.type.layout
     rows = row + gl.arange(0, acc.shape[0], layout=gl.SliceLayout(1, LAYOUT))
     cols = col + gl.arange(0, acc.shape[1], layout=gl.SliceLayout(0, LAYOUT))
@@ -141,7 +142,7 @@ def _scatter_rows(ptr, stride, dest_ptr, scale_ptr, acc, row, col, row_end, N, d
     slot = gl.load(dest_ptr + rows, mask=live, other=0)
     value = acc.to(dtype)
     if HAS_SCALE:
-        scale = gl.load(scale_ptr + slot, mask=live, other=0.0)
+        scale = gl.load(scale_ptr + rows, mask=live, other=0.0) * routed.to(gl.float32)
         value = (value.to(gl.float32) * gl.expand_dims(scale, 1)).to(dtype)
     offsets = gl.expand_dims(slot.to(gl.int64) * stride, 1) + gl.expand_dims(cols, 0)
     gl.store(ptr + offsets, value, mask=gl.expand_dims(live, 1) & gl.expand_dims(cols < N, 0))
@@ -152,8 +153,8 @@ def grouped_end(epi, acc, _unused, row, col, j, WG: gl.constexpr, row_end, N, gr
     """A grouped plain GEMM's tile (the experts' down projection).  ``epi``: (output descriptor,
     staging, output pointer and row stride, bias pointer, its column stride and its stride
     between experts, the number of experts, HAS_BIAS, SCATTER, HAS_SCALE, dest and scale
-    pointers).  Stored in place (the padded tail as zeros), or with ``SCATTER`` each row to its
-    token slot (``_scatter_rows``; the tail nowhere)."""
+    pointers).  Stored in place, or with ``SCATTER`` each row to its token slot
+    (``_scatter_rows``); the padded tail's rows (no reduction steps, no bias) are zeros."""
     c_desc, bufs, c_ptr, c_stride = epi[0], epi[1], epi[2], epi[3]
     HAS_BIAS: gl.constexpr = epi[8]
     SCATTER: gl.constexpr = epi[9]
@@ -162,7 +163,7 @@ def grouped_end(epi, acc, _unused, row, col, j, WG: gl.constexpr, row_end, N, gr
     if HAS_BIAS:
         acc = _add_bias(acc, epi[4] + group * epi[6], epi[5], col, N * routed)
     if SCATTER:
-        _scatter_rows(c_ptr, c_stride, epi[11], epi[12], acc, row, col, row_end * routed, N, c_desc.dtype,
+        _scatter_rows(c_ptr, c_stride, epi[11], epi[12], acc, row, col, row_end, routed, N, c_desc.dtype,
                       HAS_SCALE)
     else:
         _put(c_desc, bufs, WG, c_ptr, c_stride, acc.to(c_desc.dtype), row, col, row_end, N, True)

@@ -350,9 +350,9 @@ def grouped_matmul(a: Tensor, offsets: Tensor, w: Tensor, out: Tensor, bias: Opt
     """Rows of ``a`` sorted by expert (``offsets``: cumulative rows per expert) times their
     expert's ``w[e]ᵀ`` (``w`` an ``[E, N, K]`` view, as ``expert_rows`` reads it) plus its bias
     ``[E, N]``.  Without ``dest``: ``out[r]`` for every row (rows from ``offsets[-1]`` on get
-    zeros).  With ``dest`` (int32, one slot per row of ``a``): ``out[dest[r]]`` for the routed
-    rows, times ``scale[dest[r]]`` (fp32, one routing weight per slot) when given; slots no row
-    names keep what they held.  The caller checks ``grouped_matmul_serves``."""
+    zeros).  With ``dest`` (int32, one slot per row of ``a``): ``out[dest[r]]``, times
+    ``scale[r]`` (fp32, each row's routing weight) when given; the padded tail's slots get zeros,
+    slots no row names keep what they held.  The caller checks ``grouped_matmul_serves``."""
     from ..portable.grouped_gemm import work_list
     cfg = cfg or GROUPED_GEMM
     t, k = a.shape
@@ -385,7 +385,8 @@ def grouped_matmul_serves(a: Tensor, w: Tensor, out: Tensor, dest: Optional[Tens
         return False
     if dest is not None and (dest.dtype != torch.int32 or not dest.is_contiguous() or dest.shape != a.shape[:1]):
         return False
-    if scale is not None and (scale.dtype != torch.float32 or not scale.is_contiguous()):
+    if scale is not None and (scale.dtype != torch.float32 or not scale.is_contiguous()
+                              or scale.shape != a.shape[:1]):
         return False
     return all(addressable(t) for t in (a, view[0], out))
 

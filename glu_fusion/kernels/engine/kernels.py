@@ -74,7 +74,7 @@ def grouped_gemm_kernel(a_desc, b_desc, c_desc, c_ptr, c_stride, bias_ptr, bias_
     """Each expert's rows times its weight (+ its bias): rows of A sorted by expert, the work
     list of ``portable.grouped_gemm.work_list``, each expert's weight ``b_group_rows`` rows of
     the B descriptor apart; with ``SCATTER`` each output row goes to row ``dest[r]`` of C,
-    scaled by ``scale[dest[r]]`` when ``HAS_SCALE``."""
+    scaled by ``scale[r]`` when ``HAS_SCALE``."""
     staging = _staging(c_desc, CONSUMERS * STORE_BUFS)
     run(a_desc, b_desc, b_desc, T, N, K, 1, (c_desc, staging, c_ptr, c_stride, bias_ptr, bias_stride,
                                           bias_expert_stride, groups - 1, gl.constexpr(HAS_BIAS),
