@@ -16,7 +16,7 @@ from .grouped_reference import GPTOSS_ALPHA, GPTOSS_LIMIT
 from .layouts import LAYOUTS
 
 __all__ = ["swiglu", "swiglu_packed", "mlp_block", "mlp_block_packed", "grouped_swiglu", "grouped_swiglu_packed",
-           "rms_norm", "rms_norm_gated"]
+           "grouped_down_combine", "rms_norm", "rms_norm_gated"]
 
 
 def swiglu(x: Tensor, w_gate: Tensor, w_up: Tensor, bias_gate: Optional[Tensor] = None,
@@ -118,6 +118,24 @@ def grouped_swiglu_packed(x: Tensor, offsets: Tensor, weight: Tensor, bias: Opti
     save = _save_preact(x, weight, bias)
     return grouped_ops.grouped_swiglu_packed(x, offsets, weight, bias, LAYOUTS[layout], activation, float(alpha),
                                              float(limit), save)[0]
+
+
+def grouped_down_combine(h: Tensor, offsets: Tensor, w_down: Tensor, row_weights: Tensor, slots: Tensor, topk: int,
+                         bias_down: Optional[Tensor] = None) -> Tensor:
+    """The experts' down projection and combine: rows ``h`` [S, N] sorted by expert
+    (``offsets`` as for ``grouped_swiglu``) times their expert's ``w_down`` [E, D, N] (+
+    ``bias_down`` [E, D]), each scaled by its routing weight ``row_weights`` [S], summed per
+    token over its ``topk`` rows: row ``r`` belongs to token ``slots[r] // topk`` (``slots``
+    [S]: a permutation of ``range(S)``, the sort's permutation of the flattened top-k choices).
+    Returns [S / topk, D]; rows past ``offsets[-1]`` add nothing.  Differentiable in h,
+    ``w_down``, ``bias_down`` and ``row_weights``; the backward saves nothing of size [S, D]."""
+    from .ops import grouped_combine
+
+    _tensors("grouped_down_combine", h=h, offsets=offsets, w_down=w_down, row_weights=row_weights, slots=slots)
+    _optional_tensors("grouped_down_combine", bias_down=bias_down)
+    if isinstance(topk, bool) or not isinstance(topk, numbers.Integral):
+        raise TypeError(f"glu_fusion.grouped_down_combine: topk must be an int, got {type(topk).__name__}")
+    return grouped_combine.grouped_down_combine(h, offsets, w_down, bias_down, row_weights, slots, int(topk))
 
 
 def rms_norm(x: Tensor, weight: Optional[Tensor] = None, eps: float = 1e-6, residual: Optional[Tensor] = None,

@@ -31,26 +31,22 @@ def expert_ranges(offsets: Tensor, t: int) -> list[tuple[int, int]]:
     return ranges
 
 
+def grouped_linear(x: Tensor, offsets: Tensor, w: Tensor, b: Optional[Tensor] = None) -> Tensor:
+    """Each expert's rows times its weight: ``xₑ·Wₑᵀ + bₑ`` with ``w`` [E, N, K] and ``b``
+    [E, N], rounded to x's dtype as ``F.linear`` rounds it; zero rows for the padded tail."""
+    t, n = x.shape[0], w.shape[1]
+    out = x.new_zeros((t, n))
+    for e, (start, end) in enumerate(expert_ranges(offsets, t)):
+        if end > start:
+            out[start:end] = torch.nn.functional.linear(x[start:end], w[e], None if b is None else b[e])
+    return out
+
+
 def grouped_preact(x: Tensor, offsets: Tensor, w_gate: Tensor, w_up: Tensor,
                    b_gate: Optional[Tensor], b_up: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     """Each expert's two projections ``g``, ``u`` [T, N] (rounded to x's dtype as ``F.linear``
     rounds them); zero rows for the padded tail."""
-    t, n = x.shape[0], w_gate.shape[1]
-    gs, us = [], []
-    ranges = expert_ranges(offsets, t)
-    for e, (start, end) in enumerate(ranges):
-        if end == start:
-            continue
-        xe = x[start:end]
-        gs.append(torch.nn.functional.linear(xe, w_gate[e], None if b_gate is None else b_gate[e]))
-        us.append(torch.nn.functional.linear(xe, w_up[e], None if b_up is None else b_up[e]))
-    covered = ranges[-1][1] if ranges else 0
-    if covered < t:
-        gs.append(x.new_zeros((t - covered, n)))
-        us.append(x.new_zeros((t - covered, n)))
-    if not gs:
-        return x.new_zeros((0, n)), x.new_zeros((0, n))
-    return torch.cat(gs), torch.cat(us)
+    return grouped_linear(x, offsets, w_gate, b_gate), grouped_linear(x, offsets, w_up, b_up)
 
 
 def gptoss_gate(g: Tensor, u: Tensor, alpha: float, limit: float) -> Tensor:

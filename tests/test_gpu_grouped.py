@@ -163,3 +163,36 @@ def test_kernels_match_grouped_mm_where_available():
     g, u = h.chunk(2, dim=-1)
     theirs = grouped_reference.swiglu_gate(g, u)
     assert rel_error(ours, theirs) <= 2 * TOLERANCE[torch.bfloat16]
+
+
+@pytest.fixture(params=["unfused", "engine"])
+def combine_kernel(request, monkeypatch):
+    """The down projection and combine through cuBLAS's grouped GEMM and torch's ops, or through
+    the Hopper engine's grouped GEMM scattering each row to its token slot."""
+    if request.param == "engine":
+        from glu_fusion.kernels import engine
+        from glu_fusion.ops import grouped_combine, grouped_swiglu
+        if not engine.available(torch.device("cuda")):
+            pytest.skip("the engine runs on Hopper GPUs")
+        monkeypatch.setattr(grouped_combine, "ENGINE_COMBINE", True)
+        monkeypatch.setattr(grouped_swiglu, "ENGINE_GROUPED", True)  # dX of w_down's halves too
+    return request.param
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("bias,tail_tokens,topk", [(False, 0, 8), (True, 5, 4), (True, 0, 1)])
+def test_down_combine_against_float64_and_eager(dtype, bias, tail_tokens, topk, combine_kernel):
+    from helpers.combine_cases import outputs_and_grads, problem, rel, run_eager, run_ours
+    tokens, experts, n, d = 700, 16, 256, 512
+    leaves, offsets, perm = problem(dtype, tokens=tokens, experts=experts, topk=topk, n=n, d=d, bias=bias,
+                                    tail_tokens=tail_tokens, seed=topk, device="cuda")
+    leaves64 = [t.detach().double().requires_grad_() if t is not None else None for t in leaves]
+    dout = torch.randn(tokens, d, device="cuda", generator=torch.Generator("cuda").manual_seed(3))
+    ref = outputs_and_grads(run_eager, leaves64, offsets, perm, topk, dout.double())
+    ours = outputs_and_grads(run_ours, leaves, offsets, perm, topk, dout)
+    eager = outputs_and_grads(run_eager, leaves, offsets, perm, topk, dout)
+    names = ["out", "h", "w_down"] + (["bias_down"] if bias else []) + ["row_weights"]
+    floor = {torch.float32: 1e-5, torch.float16: 1e-4, torch.bfloat16: 1e-3}[dtype]
+    for name, o, e, r in zip(names, ours, eager, ref):
+        assert torch.isfinite(o).all(), name
+        assert rel(o, r) <= 2 * rel(e, r) + floor, (name, rel(o, r), rel(e, r))
