@@ -1,7 +1,8 @@
 """Mixture-of-experts benchmark on a CUDA device: the expert block (gate/up grouped GEMMs, the
 gate, the down grouped GEMM) forward+backward, ``torch.compile`` default against the same model
 code compiled with the glu_fusion backend (which rewrites it into the grouped op) and against
-the op called directly; then the grouped GEMMs alone against ``torch._grouped_mm``.
+the op called directly; then the grouped GEMMs alone against ``torch._grouped_mm``; then the
+down projection and combine (``glu_fusion.grouped_down_combine``) against Inductor's.
 
 Routing: ``tokens`` tokens each pick ``topk`` of ``experts`` experts uniformly at random, sorted
 by expert (``T = tokens · topk`` rows).  bf16; medians of ``triton.testing.do_bench``; peak
@@ -210,7 +211,52 @@ def measure_gemms(name: str, tokens: int, skew: float = 0.0) -> dict:
     return row
 
 
-def markdown(blocks: list, gemms: list, env: dict) -> str:
+def measure_combine(name: str, tokens: int) -> dict:
+    """The down projection and combine (transformers' grouped_mm experts after the gate: grouped
+    GEMM, routing-weight multiply, inverse permutation, per-token sum over the top-k rows),
+    forward and forward+backward with peak memory: ``torch.compile`` of those steps against
+    ``glu_fusion.grouped_down_combine``, unfused inside and on the engine (``ENGINE_COMBINE``)."""
+    from glu_fusion.kernels import engine
+    from glu_fusion.ops import grouped_combine, grouped_swiglu
+    k, n, e, topk, _, _ = CONFIGS[name]
+    s = tokens * topk
+    choice = torch.rand(tokens, e, device="cuda").topk(topk, dim=1).indices.flatten()
+    _ids, perm = torch.sort(choice)
+    offs = torch.bincount(choice, minlength=e).cumsum(0).to(torch.int32)
+    h = torch.randn(s, n, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w2 = (torch.randn(e, k, n, device="cuda", dtype=torch.bfloat16) * n ** -0.5).requires_grad_()
+    weights = torch.rand(s, device="cuda", dtype=torch.bfloat16).requires_grad_()
+    dout = torch.randn(tokens, k, device="cuda", dtype=torch.bfloat16)
+
+    @torch.compile
+    def steps(h, offs, w2, weights, perm):
+        weighted = mm(h, w2.transpose(-2, -1), offs=offs) * weights.unsqueeze(-1)
+        inv_perm = torch.empty_like(perm)
+        inv_perm[perm] = torch.arange(perm.shape[0], device=perm.device)
+        return weighted[inv_perm].view(tokens, topk, k).sum(dim=1)
+
+    def ours(h, offs, w2, weights, perm):
+        return glu_fusion.grouped_down_combine(h, offs, w2, weights, perm, topk)
+
+    row = {"config": name, "tokens": tokens, "topk": topk}
+    variants = {"inductor": (steps, False), "ours_unfused": (ours, False)}
+    if engine.available(h.device):
+        variants["ours_engine"] = (ours, True)
+    for variant, (fn, on_engine) in variants.items():
+        grouped_combine.ENGINE_COMBINE = grouped_swiglu.ENGINE_GROUPED = on_engine
+        try:
+            for key, value in _phases(lambda x, o: fn(x, o, w2, weights, perm), h, offs, dout).items():
+                row[f"{variant}_{key}"] = value
+        except Exception as err:
+            row[f"{variant}_error"] = repr(err)[:300]
+            traceback.print_exc()
+        for t in (h, w2, weights):
+            t.grad = None
+    grouped_combine.ENGINE_COMBINE = grouped_swiglu.ENGINE_GROUPED = False
+    return row
+
+
+def markdown(blocks: list, gemms: list, env: dict, combines: list = ()) -> str:
     lines = [f"MoE expert block, bf16, {env['device']}, torch {env['torch']}, triton {env['triton']}, "
              f"{env['date']}. Medians in ms; speedup = inductor / ours (above 1: ours faster).", "",
              "| config | tokens×topk | phase | inductor | ours_backend | ours_op | speedup (backend) | speedup (op) |",
@@ -244,7 +290,18 @@ def markdown(blocks: list, gemms: list, env: dict) -> str:
                 lines.append(f"| {r['config']} {routed} | {case} | {cell(r, f'{case}_ours_ms')} | "
                              f"{cell(r, f'{case}_grouped_mm_ms')} | {ratio(r, f'{case}_grouped_mm_ms', f'{case}_ours_ms')} |")
         lines.append(f"| {r['config']} {routed} | dense cuBLAS gate/up, same FLOPs | – | {cell(r, 'dense_gate_up_ms')} | – |")
-    errors = [(r["config"], key, v) for r in blocks + gemms for key, v in r.items() if key.endswith("_error")]
+    if combines:
+        lines += ["", "Down projection and combine (ms; peak MB; speedup = inductor / ours):", "",
+                  "| config | tokens×topk | phase | inductor | ours unfused | ours engine | speedup (engine) | "
+                  "peak inductor | peak ours (engine) |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in combines:
+            for phase in ("fwd", "fwdbwd"):
+                lines.append(f"| {r['config']} | {r['tokens']}×{r['topk']} | {phase} | {cell(r, f'inductor_{phase}_ms')} | "
+                             f"{cell(r, f'ours_unfused_{phase}_ms')} | {cell(r, f'ours_engine_{phase}_ms')} | "
+                             f"{ratio(r, f'inductor_{phase}_ms', f'ours_engine_{phase}_ms')} | "
+                             f"{cell(r, 'inductor_peak_mb')} | {cell(r, 'ours_engine_peak_mb')} |")
+    errors = [(r["config"], key, v) for r in [*blocks, *gemms, *combines] for key, v in r.items()
+              if key.endswith("_error")]
     if errors:
         lines += ["", "Errors:", ""] + [f"- {c} {k}: `{v}`" for c, k, v in errors]
     return "\n".join(lines) + "\n"
@@ -261,7 +318,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     env = environment()
-    blocks, gemms = [], []
+    blocks, gemms, combines = [], [], []
     for name, (*_, tokens, _act) in CONFIGS.items():
         tokens = QUICK_TOKENS if args.quick else tokens
         if not args.gemms_only:
@@ -270,9 +327,11 @@ def main(argv=None) -> int:
         for skew in (0.0, args.skew) if args.skew > 0 else (0.0,):
             gemms.append(measure_gemms(name, tokens, skew))
             print(json.dumps(gemms[-1]), file=sys.stderr, flush=True)
-        write_results(args.json, args.md, {"env": env, "blocks": blocks, "gemms": gemms},
-                      markdown(blocks, gemms, env))
-    print(markdown(blocks, gemms, env))
+        combines.append(measure_combine(name, tokens))
+        print(json.dumps(combines[-1]), file=sys.stderr, flush=True)
+        write_results(args.json, args.md, {"env": env, "blocks": blocks, "gemms": gemms, "combines": combines},
+                      markdown(blocks, gemms, env, combines))
+    print(markdown(blocks, gemms, env, combines))
     return 0
 
 
