@@ -20,7 +20,7 @@ Adding a family is one line: import its module and append its ``FAMILY`` to ``FA
 """
 from __future__ import annotations
 
-from . import _common, experts, rms_norm, rms_norm_gated, routing, swiglu
+from . import _common, expert_combine, experts, rms_norm, rms_norm_gated, routing, swiglu
 from ._common import Family
 
 __all__ = ["FAMILIES", "Family", "register_all", "source_files"]
@@ -31,6 +31,7 @@ FAMILIES: list[Family] = [
     rms_norm_gated.FAMILY,
     rms_norm.FAMILY,  # after the gated family: both anchor on rsqrt, a gated norm is theirs
     experts.FAMILY,
+    expert_combine.FAMILY,
 ]
 
 

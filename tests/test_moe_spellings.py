@@ -177,7 +177,8 @@ def test_hf_grouped_mm_bf16_compiled_training_step(gptoss, sentinel_masks, cpu_r
     we, wc = w.clone().requires_grad_(), w.clone().requires_grad_()
     want = eager(he, idx, we)
     got = torch.compile(compiled, backend=glu_fusion.backend)(hc, idx, wc)
-    assert cpu_rewrites.counts() == {"experts": 1}
+    # without the row masks the down projection and combine are rewritten too
+    assert cpu_rewrites.counts() == ({"experts": 1} if sentinel_masks else {"experts": 1, "expert_combine": 1})
     _close(got, want, "out", 3e-2)
     dout = torch.randn_like(want)
     want.backward(dout)

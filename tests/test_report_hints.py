@@ -85,12 +85,13 @@ def test_every_op_of_ours_has_its_place_in_the_report():
     import glu_fusion.ops  # noqa: F401  (registers them)
     from glu_fusion.ops import grouped_swiglu, mlp_block, rms_norm, rms_norm_gated, swiglu  # noqa: F401
     from glu_fusion.compile.report import BACKWARD_OPS, FORWARD_OP_FAMILY
-    from glu_fusion.patterns import experts, rms_norm as norm_pattern, rms_norm_gated as gated_pattern
+    from glu_fusion.patterns import expert_combine, experts, rms_norm as norm_pattern, rms_norm_gated as gated_pattern
     from glu_fusion.patterns import swiglu as swiglu_pattern
     ours = {name.split("::")[1].split(".")[0] for name in torch._C._dispatch_get_all_op_names()
             if name.startswith("glu_fusion::") and not name.split(".")[0].endswith("_nograd")}
     assert ours == set(FORWARD_OP_FAMILY) | BACKWARD_OPS
-    families = {experts.NAME, norm_pattern.NAME, gated_pattern.NAME, swiglu_pattern.NAME, swiglu_pattern.BLOCK_NAME}
+    families = {experts.NAME, expert_combine.NAME, norm_pattern.NAME, gated_pattern.NAME, swiglu_pattern.NAME,
+                swiglu_pattern.BLOCK_NAME}
     assert set(FORWARD_OP_FAMILY.values()) == families
 
 

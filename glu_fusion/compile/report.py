@@ -27,8 +27,8 @@ log = logging.getLogger("glu_fusion")
 #: The ops the pass writes into a graph, each with the family of the site it fuses.
 FORWARD_OP_FAMILY = {"swiglu": "swiglu", "swiglu_packed": "swiglu", "mlp_block": "mlp_block",
                      "mlp_block_packed": "mlp_block", "grouped_swiglu": "experts",
-                     "grouped_swiglu_packed": "experts", "rms_norm": "rms_norm",
-                     "rms_norm_gated": "rms_norm_gated"}
+                     "grouped_swiglu_packed": "experts", "grouped_down_combine": "expert_combine",
+                     "rms_norm": "rms_norm", "rms_norm_gated": "rms_norm_gated"}
 #: The ops a forward op's backward calls: part of that forward op's site, never a site of their own.
 BACKWARD_OPS = frozenset({"swiglu_preact", "swiglu_dh", "swiglu_dh_inplace", "mlp_dgated", "mlp_dgated_inplace",
                           "grouped_swiglu_dh", "grouped_swiglu_dx", "grouped_swiglu_dw",
