@@ -172,3 +172,39 @@ def test_stacked_halves_finds_one_packed_weight_only():
     gate = torch.as_strided(base, (3, 4, 5), (20, 5, 1))
     up = torch.as_strided(base, (3, 4, 5), (20, 5, 1), 20)  # each expert's up half is the next one's gate
     assert stacked_halves(gate, up) is None
+
+
+@pytest.mark.parametrize("weights", ["packed", "separate", "transposed"])
+def test_backward_gemms_on_torch_grouped_mm(weights, monkeypatch):
+    """dX and dW through ``torch._grouped_mm`` (the bf16 route on Hopper, run here on its CPU
+    kernel): equal to the reference within bf16 rounding, zeros for the padded tail's rows and
+    for experts without rows; interleaved halves it cannot read are refused."""
+    if not hasattr(torch, "_grouped_mm"):
+        pytest.skip("needs torch._grouped_mm")
+    from glu_fusion import grouped_reference
+    from glu_fusion.ops import grouped_swiglu as ops
+    monkeypatch.setattr(ops, "TORCH_GROUPED_MM_DEVICES", ("cpu",))
+    e, n, k, t = 4, 16, 24, 48
+    offsets = torch.tensor([10, 10, 30, 40], dtype=torch.int32)   # an empty expert, 8 tail rows
+    gen = torch.Generator().manual_seed(0)
+    dh = torch.randn(t, 2 * n, generator=gen).bfloat16()
+    dh[40:] = 0   # the gate's backward zeroes the tail
+    x = torch.randn(t, k, generator=gen).bfloat16()
+    if weights == "packed":
+        w = torch.randn(e, 2 * n, k, generator=gen).bfloat16()
+        wg, wu = w[:, :n], w[:, n:]
+    elif weights == "separate":
+        wg, wu = torch.randn(e, n, k, generator=gen).bfloat16(), torch.randn(e, n, k, generator=gen).bfloat16()
+    else:  # an [E, K, 2N] storage, gate columns first
+        w = torch.randn(e, k, 2 * n, generator=gen).bfloat16()
+        wg, wu = w[:, :, :n].transpose(1, 2), w[:, :, n:].transpose(1, 2)
+    dx = ops._torch_grouped_mm_dx(dh, offsets, wg, wu)
+    want = grouped_reference.grouped_input_grad(dh.double(), offsets, wg.double(), wu.double())
+    assert dx is not None and torch.equal(dx[40:], torch.zeros_like(dx[40:]))
+    torch.testing.assert_close(dx.double(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
+    dw = ops._torch_grouped_mm_dw(dh, x, offsets)
+    want_w, _ = grouped_reference.grouped_weight_grad(dh.double(), x.double(), offsets, e)
+    assert torch.equal(dw[1], torch.zeros_like(dw[1]))
+    torch.testing.assert_close(dw.double(), want_w, rtol=2e-2, atol=2e-2 * want_w.abs().max().item())
+    w2 = torch.randn(e, k, 2 * n, generator=gen).bfloat16()
+    assert ops._torch_grouped_mm_dx(dh, offsets, w2[:, :, ::2].transpose(1, 2), w2[:, :, 1::2].transpose(1, 2)) is None

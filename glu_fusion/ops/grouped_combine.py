@@ -32,7 +32,7 @@ from ..layouts import CONCAT_GATE_FIRST
 from .autocast import register_autocast_passthrough
 from .dispatch import check_same, register_cuda_fast_path
 from .graph_twins import register_graph_twins
-from .grouped_swiglu import check_offset_values
+from .grouped_swiglu import check_offset_values, routed_rows
 
 #: Whether the Hopper engine's grouped GEMM runs the forward where it serves the operands
 #: (``kernels.engine.host.grouped_matmul`` with slots and routing weights).  Off until
@@ -74,11 +74,6 @@ def _check_slot_values(slots: Tensor) -> None:
         return
     if not torch.equal(torch.sort(slots.long()).values, torch.arange(slots.shape[0])):
         raise ValueError("glu_fusion: slots must be a permutation of range(S): each token slot gets one row")
-
-
-def routed_rows(offsets: Tensor, s: int) -> Tensor:
-    """[S] bool: the rows an expert owns (not the padded tail)."""
-    return torch.arange(s, device=offsets.device) < offsets[-1]
 
 
 def expert_of_rows(offsets: Tensor, s: int) -> Tensor:

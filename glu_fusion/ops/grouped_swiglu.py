@@ -58,6 +58,62 @@ def _engine_serves(x: Tensor, w_gate: Tensor, w_up: Tensor, out: Tensor, preact:
     return grouped_serves(x, w_gate, w_up, out, *halves)
 
 
+#: Device types where the expert backward's GEMMs (dX, dW) run on torch's grouped GEMM
+#: (``torch._grouped_mm``, bf16) where it serves the operands: the portable kernels ran at
+#: 0.45-0.78x its speed on the H200 (2026-12-02, benchmarks/NOTES.md, "Experts").
+TORCH_GROUPED_MM_DEVICES: tuple[str, ...] = ("cuda",)
+
+
+def routed_rows(offsets: Tensor, t: int) -> Tensor:
+    """[T] bool: the rows an expert owns (not the padded tail)."""
+    return torch.arange(t, device=offsets.device) < offsets[-1]
+
+
+def _grouped_mm_layout(t: Tensor) -> bool:
+    """What ``torch._grouped_mm`` reads: a unit stride in one of the last two dimensions, the
+    other strides multiples of 16 bytes, a 16-byte aligned start."""
+    size, strides = t.element_size(), t.stride()
+    if t.data_ptr() % 16 or any((s * size) % 16 for s in strides[:-2]):
+        return False
+    if strides[-1] == 1:
+        return (strides[-2] * size) % 16 == 0
+    return strides[-2] == 1 and (strides[-1] * size) % 16 == 0
+
+
+def _torch_grouped_mm_serves(*operands: Tensor) -> bool:
+    first = operands[0]
+    if first.device.type not in TORCH_GROUPED_MM_DEVICES or not hasattr(torch, "_grouped_mm"):
+        return False
+    if first.is_cuda and torch.cuda.get_device_capability(first.device) < (9, 0):
+        return False
+    return all(t.dtype == torch.bfloat16 and t.numel() > 0 and _grouped_mm_layout(t) for t in operands)
+
+
+def _torch_grouped_mm_dx(dh: Tensor, offsets: Tensor, w_gate: Tensor, w_up: Tensor) -> Optional[Tensor]:
+    """``dX = dGₑ·Wgₑ + dUₑ·Wuₑ`` on ``torch._grouped_mm`` (one GEMM over a packed weight's
+    halves), zeros for the padded tail (which it leaves unwritten); None where it cannot serve."""
+    n, offs = w_gate.shape[1], offsets.to(torch.int32)
+    packed = stacked_halves(w_gate, w_up)
+    if packed is not None and _torch_grouped_mm_serves(dh, packed):
+        dx = torch._grouped_mm(dh, packed, offs=offs)
+    elif _torch_grouped_mm_serves(dh[:, :n], dh[:, n:], w_gate, w_up):
+        dx = torch._grouped_mm(dh[:, :n], w_gate, offs=offs) + torch._grouped_mm(dh[:, n:], w_up, offs=offs)
+    else:
+        return None
+    return dx.masked_fill(~routed_rows(offsets, dh.shape[0]).unsqueeze(1), 0)
+
+
+def _torch_grouped_mm_dw(dh: Tensor, x: Tensor, offsets: Tensor) -> Optional[Tensor]:
+    """``dWₑ = dHₑᵀ·xₑ`` [E, 2N, K] on ``torch._grouped_mm``, zeros for experts without rows;
+    None where it cannot serve."""
+    if not _torch_grouped_mm_serves(dh.t(), x):
+        return None
+    offs = offsets.to(torch.int32)
+    counts = torch.diff(offs, prepend=offs.new_zeros(1))
+    dw = torch._grouped_mm(dh.t(), x, offs=offs)
+    return dw.masked_fill((counts == 0).view(-1, 1, 1), 0)
+
+
 def stacked_halves(w_gate: Tensor, w_up: Tensor) -> Optional[Tensor]:
     """The ``[E, 2N, K]`` weight whose rows are ``w_gate``'s then ``w_up``'s, as a view, where
     ``w_up`` follows ``w_gate`` along dim 1 in memory (the halves of one concatenated weight);
@@ -231,6 +287,8 @@ def _(dout, preact, offsets, activation, alpha, limit):
 def grouped_swiglu_dx(dh: Tensor, offsets: Tensor, w_gate: Tensor, w_up: Tensor) -> Tensor:
     if use_gemm_kernels(dh):
         dx = _engine_dx(dh, offsets, w_gate, w_up)
+        if dx is None:
+            dx = _torch_grouped_mm_dx(dh, offsets, w_gate, w_up)
         if dx is not None:
             return dx
         from ..kernels.portable.grouped_gemm import grouped_input_grad
@@ -253,9 +311,18 @@ def grouped_swiglu_dw(dh: Tensor, x: Tensor, offsets: Tensor, layout: int, want_
     dbias = x.new_empty((e, n2)) if want_bias else None
     if use_gemm_kernels(x):
         from ..kernels.portable.grouped_gemm import grouped_weight_grad
-        dw_gate, dw_up = expert_views(dweight, layout) if want_weight else (None, None)
+        full = _torch_grouped_mm_dw(dh, x, offsets) if want_weight else None
+        if full is not None:
+            if layout == CONCAT_GATE_FIRST:
+                dweight = full
+            else:
+                gate, up = expert_views(dweight, layout)
+                gate.copy_(full[:, :n2 // 2])
+                up.copy_(full[:, n2 // 2:])
+        dw_gate, dw_up = expert_views(dweight, layout) if want_weight and full is None else (None, None)
         db_gate, db_up = expert_views(dbias, layout) if want_bias else (None, None)
-        grouped_weight_grad(dh, x, offsets, dw_gate, dw_up, db_gate, db_up, allow_tf32())
+        if dw_gate is not None or db_gate is not None:
+            grouped_weight_grad(dh, x, offsets, dw_gate, dw_up, db_gate, db_up, allow_tf32())
     else:
         dw, db = grouped_reference.grouped_weight_grad(dh, x, offsets, e)
         n = n2 // 2
