@@ -57,8 +57,9 @@ CASES = [
 
 @pytest.fixture(params=["portable", "engine"])
 def forward_kernel(request, monkeypatch):
-    """The portable kernels, or the Hopper engine's grouped kernels where they serve the operands
-    (the forward, and dX of a packed weight's halves)."""
+    """The unfused route (torch's grouped GEMM for bf16 on Hopper, the portable kernels otherwise),
+    or the Hopper engine's grouped kernels where they serve the operands (the forward, and dX of a
+    packed weight's halves)."""
     if request.param == "engine":
         from glu_fusion.kernels import engine
         from glu_fusion.ops import grouped_swiglu

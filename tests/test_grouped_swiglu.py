@@ -208,3 +208,38 @@ def test_backward_gemms_on_torch_grouped_mm(weights, monkeypatch):
     torch.testing.assert_close(dw.double(), want_w, rtol=2e-2, atol=2e-2 * want_w.abs().max().item())
     w2 = torch.randn(e, k, 2 * n, generator=gen).bfloat16()
     assert ops._torch_grouped_mm_dx(dh, offsets, w2[:, :, ::2].transpose(1, 2), w2[:, :, 1::2].transpose(1, 2)) is None
+
+
+@pytest.mark.parametrize("form", ["concat", "interleaved", "separate", "transposed_interleaved"])
+@pytest.mark.parametrize("activation,bias", [("silu", False), ("gptoss", True)])
+def test_forward_on_torch_grouped_mm(form, activation, bias, monkeypatch):
+    """The forward through ``torch._grouped_mm`` and a separate gate (the bf16 route on Hopper,
+    run here on its CPU kernel) against the reference: ``out`` and ``preact = [g | u]``, zeros
+    for the padded tail."""
+    if not hasattr(torch, "_grouped_mm"):
+        pytest.skip("needs torch._grouped_mm")
+    from glu_fusion import grouped_reference
+    from glu_fusion.ops import grouped_swiglu as ops
+    monkeypatch.setattr(ops, "TORCH_GROUPED_MM_DEVICES", ("cpu",))
+    e, n, k, t = 4, 16, 24, 48
+    offsets = torch.tensor([10, 10, 30, 40], dtype=torch.int32)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(t, k, generator=gen).bfloat16()
+    if form == "separate":
+        wg, wu = (torch.randn(e, n, k, generator=gen).bfloat16() for _ in range(2))
+    elif form == "transposed_interleaved":  # gpt-oss's [E, K, 2N]
+        w = torch.randn(e, k, 2 * n, generator=gen).bfloat16()
+        wg, wu = w[:, :, 0::2].transpose(1, 2), w[:, :, 1::2].transpose(1, 2)
+    else:
+        w = torch.randn(e, 2 * n, k, generator=gen).bfloat16()
+        wg, wu = (w[:, :n], w[:, n:]) if form == "concat" else (w[:, 0::2], w[:, 1::2])
+    bg, bu = (torch.randn(e, n, generator=gen).bfloat16() for _ in range(2)) if bias else (None, None)
+    found = ops._torch_grouped_mm_forward(x, offsets, wg, wu, bg, bu, activation, 1.702, 7.0)
+    assert found is not None  # every packed form is one GEMM over the whole weight
+    out, preact = found
+    g64, u64 = grouped_reference.grouped_preact(x.double(), offsets, wg.double(), wu.double(),
+                                                None if bg is None else bg.double(), None if bu is None else bu.double())
+    h64 = grouped_reference.gate(g64, u64, activation, 1.702, 7.0)
+    for got, want in ((out, h64), (preact, torch.cat([g64, u64], dim=1))):
+        assert torch.equal(got[40:], torch.zeros_like(got[40:]))
+        torch.testing.assert_close(got.double(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())

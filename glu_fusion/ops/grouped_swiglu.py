@@ -58,9 +58,10 @@ def _engine_serves(x: Tensor, w_gate: Tensor, w_up: Tensor, out: Tensor, preact:
     return grouped_serves(x, w_gate, w_up, out, *halves)
 
 
-#: Device types where the expert backward's GEMMs (dX, dW) run on torch's grouped GEMM
-#: (``torch._grouped_mm``, bf16) where it serves the operands: the portable kernels ran at
-#: 0.45-0.78x its speed on the H200 (2026-12-02, benchmarks/NOTES.md, "Experts").
+#: Device types where the expert GEMMs (the forward's, with the gate as a separate pass, and the
+#: backward's dX and dW) run on torch's grouped GEMM (``torch._grouped_mm``, bf16) where it serves
+#: the operands and the engine does not: the portable kernels ran at 0.45-0.78x its speed on the
+#: H200 (2026-12-02, benchmarks/NOTES.md, "Experts").
 TORCH_GROUPED_MM_DEVICES: tuple[str, ...] = ("cuda",)
 
 
@@ -112,6 +113,44 @@ def _torch_grouped_mm_dw(dh: Tensor, x: Tensor, offsets: Tensor) -> Optional[Ten
     counts = torch.diff(offs, prepend=offs.new_zeros(1))
     dw = torch._grouped_mm(dh.t(), x, offs=offs)
     return dw.masked_fill((counts == 0).view(-1, 1, 1), 0)
+
+
+def _interleaved_source(w_gate: Tensor, w_up: Tensor) -> Optional[Tensor]:
+    """The ``[E, 2N, K]`` weight whose even rows are ``w_gate``'s and odd rows ``w_up``'s, as a
+    view, where the two are its interleaved halves (gpt-oss); otherwise None."""
+    e, n, k = w_gate.shape
+    if w_up.shape != w_gate.shape or w_up.stride() != w_gate.stride() or w_up.dtype != w_gate.dtype \
+            or w_gate.stride(1) % 2:
+        return None
+    row = w_gate.stride(1) // 2
+    if w_up.data_ptr() != w_gate.data_ptr() + row * w_gate.element_size():
+        return None
+    return torch.as_strided(w_gate, (e, 2 * n, k), (w_gate.stride(0), row, w_gate.stride(2)),
+                            w_gate.storage_offset())
+
+
+def _torch_grouped_mm_forward(x: Tensor, offsets: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Optional[Tensor],
+                              b_up: Optional[Tensor], activation: str, alpha: float,
+                              limit: float) -> Optional[tuple[Tensor, Tensor]]:
+    """``(out, preact)`` from ``torch._grouped_mm`` (one GEMM over a packed weight, concatenated or
+    interleaved; two otherwise) and the gate as a separate pass: what Inductor runs, faster than
+    the portable fused kernel; zeros for the padded tail.  None where it cannot serve."""
+    t, n, offs = x.shape[0], w_gate.shape[1], offsets.to(torch.int32)
+    stacked, interleaved = stacked_halves(w_gate, w_up), _interleaved_source(w_gate, w_up)
+    if stacked is not None and _torch_grouped_mm_serves(x, stacked.transpose(1, 2)):
+        preact = torch._grouped_mm(x, stacked.transpose(1, 2), offs=offs)
+    elif interleaved is not None and _torch_grouped_mm_serves(x, interleaved.transpose(1, 2)):
+        gu = torch._grouped_mm(x, interleaved.transpose(1, 2), offs=offs)
+        preact = torch.cat([gu[:, 0::2], gu[:, 1::2]], dim=1)
+    elif _torch_grouped_mm_serves(x, w_gate.transpose(1, 2), w_up.transpose(1, 2)):
+        preact = torch.cat([torch._grouped_mm(x, w.transpose(1, 2), offs=offs) for w in (w_gate, w_up)], dim=1)
+    else:
+        return None
+    if b_gate is not None:
+        expert = torch.searchsorted(offs, torch.arange(t, device=x.device, dtype=torch.int32), right=True)
+        preact += torch.cat([b_gate, b_up], dim=1)[expert.clamp(max=w_gate.shape[0] - 1)]
+    preact.masked_fill_(~routed_rows(offsets, t).unsqueeze(1), 0)  # rows the GEMM left unwritten
+    return grouped_reference.gate(preact[:, :n], preact[:, n:], activation, alpha, limit), preact
 
 
 def stacked_halves(w_gate: Tensor, w_up: Tensor) -> Optional[Tensor]:
@@ -198,7 +237,12 @@ def _forward(x, offsets, w_gate, w_up, b_gate, b_up, activation, alpha, limit, s
     if use_gemm_kernels(x):
         out = x.new_empty((t, n))
         preact = x.new_empty((t, 2 * n)) if save_preact else None
-        if _engine_serves(x, w_gate, w_up, out, preact):
+        engine = _engine_serves(x, w_gate, w_up, out, preact)
+        unfused = None if engine else _torch_grouped_mm_forward(x, offsets, w_gate, w_up, b_gate, b_up, activation,
+                                                                alpha, limit)
+        if unfused is not None:
+            out, preact = unfused[0], unfused[1] if save_preact else None
+        elif engine:
             from ..kernels.engine.host import grouped_swiglu_forward as engine_forward
             halves = (preact[:, :n], preact[:, n:]) if preact is not None else (None, None)
             engine_forward(x, offsets, w_gate, w_up, b_gate, b_up, out, *halves, ACTIVATION_CODES[activation],
