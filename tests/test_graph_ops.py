@@ -121,7 +121,7 @@ def test_every_op_has_a_twin_with_its_schema():
     names = {op.name() for op in GRAPH_TWINS}
     assert names == {f"glu_fusion::{n}" for n in (
         "swiglu", "swiglu_packed", "swiglu_preact", "swiglu_dh", "swiglu_dh_inplace", "rms_norm_gated", "rms_norm_gated_backward", "grouped_swiglu",
-        "grouped_swiglu_packed", "grouped_swiglu_dh", "grouped_swiglu_dx", "grouped_swiglu_dw",
+        "grouped_swiglu_packed", "grouped_swiglu_dh", "grouped_swiglu_dx", "grouped_swiglu_dw", "grouped_down_combine",
         "mlp_block", "mlp_block_packed", "mlp_dgated", "mlp_dgated_inplace",
         "rms_norm", "rms_norm_backward")}
     for op, twin in GRAPH_TWINS.items():
