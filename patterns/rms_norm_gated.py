@@ -12,9 +12,12 @@ on ``F.rms_norm``; ``_walk`` then reads the graph around it:
   ``· act(z)`` (gate after the norm), an optional cast.
 
 The casts found decide the op's rounding flags, so the fused op computes what the eager code
-did within one rounding step.  Left alone: a mean-free (``sum``: L2) norm, a norm in low
-precision, a norm with no gate, a site whose intermediate has another user, anything whose
-output dtype is not x's, and mutations inside the span.
+did within one rounding step.  Where x is fp32 and z is not, the gate's own ``z.float()``
+becomes the op's z (:func:`_take_gate_upcast`: HF's Mamba-2 mixer in a bf16 model).  x and z
+are taken as they are, views of one packed projection included (``chunk``, ``split``, slices).
+Left alone: a mean-free (``sum``: L2) norm, a norm in low precision, a norm with no gate, a
+site whose intermediate has another user, anything whose output dtype is not x's, and
+mutations inside the span.
 
 A site found is rewritten only where the measured routing table says it pays
 (:func:`~glu_fusion.patterns.routing.gated_norm_rewrite_pays`: CUDA training graphs are left to
@@ -119,6 +122,8 @@ class _Site:
     downcast: str = "none"
     gate_low: bool = False
     group_size: Optional[int] = None
+    z_upcast: Optional[fx.Node] = None  # the gate's ``z.float()`` (see _take_gate_upcast)
+    widths: list = dataclasses.field(default_factory=list)  # sizes proven equal to x's last (see _weight)
     spelling: list = dataclasses.field(default_factory=list)
     nodes: list = dataclasses.field(default_factory=list)
     in_place: list = dataclasses.field(default_factory=list)  # ``h *= t`` nodes on the site's own h
@@ -144,6 +149,7 @@ def _gate(node, site: _Site) -> Optional[fx.Node]:
     if outer and (not casts or _cast(outer[0])[1] != tz.dtype):
         return None
     site.z = z
+    site.z_upcast = casts[0] if casts and not outer else None
     site.gate_low = (not casts or bool(outer)) and tz.dtype != _FP32
     site.nodes += [*outer, node, *casts]
     return outer[0] if outer else node
@@ -252,6 +258,7 @@ def _weight(node: fx.Node, site: _Site, normed: Optional[fx.Node] = None) -> boo
             and same_size(tn.shape[-1], tx.shape[-1]))):
         return False
     site.weight, site.offset = w, offset
+    site.widths.append(tw.shape[0])
     site.nodes += nodes + casts
     site.spelling.append("(1+w)" if offset else "w")
     return True
@@ -412,9 +419,15 @@ def _resolve(match: Match, kind: str) -> Optional[_Site]:
     tx, tz, ty = fake(site.x), fake(site.z), fake(site.out)
     if tx is None or tz is None or ty is None or tx.dtype not in REWRITE_DTYPES:
         return None
-    if tz.dtype != tx.dtype or tz.dim() != tx.dim() or ty.dim() != tx.dim():
+    if tz.dtype != tx.dtype:
+        if not _take_gate_upcast(site):
+            return None
+        tz = fake(site.z)
+    if tz.dim() != tx.dim() or ty.dim() != tx.dim():
         return None
-    if not all(same_size(a, b) and same_size(a, c) for a, b, c in zip(tx.shape, tz.shape, ty.shape)):
+    lead = zip(tx.shape[:-1], tz.shape[:-1], ty.shape[:-1])
+    if not all(same_size(a, b) and same_size(a, c) for a, b, c in lead) or \
+            not same_size(tx.shape[-1], tz.shape[-1]) or not _is_width(site, ty.shape[-1]):
         return None
     if ty.dtype != tx.dtype or tx.device.type not in config.rewrite_devices:
         return None
@@ -435,6 +448,36 @@ def _resolve(match: Match, kind: str) -> Optional[_Site]:
                                                            source_line(site.out), module_path(site.out)))
         return None
     return site
+
+
+def _take_gate_upcast(site: _Site) -> bool:
+    """Give the op the gate's ``z.float()`` as its z, where x is fp32 and z is not.
+
+    HF's Mamba-2 mixer (``torch_forward``, the path Dynamo traces) in a bf16 model normalises the
+    scan's fp32 output with a gate that is a bf16 slice of the input projection, upcast by the
+    norm (``silu(gate.to(float32))``).  The op reads the very fp32 tensor eager's activation
+    reads, so it computes what eager does; the cast stays in the graph, where autograd rounds dz
+    to z's dtype as eager's ``.to`` does.  A gate computed or rounded in z's dtype (``silu(z)``,
+    ``silu(z.float()).to(z.dtype)``) has no such cast and is left alone: the op would round it
+    to x's dtype instead."""
+    up = site.z_upcast
+    tx, tu = fake(site.x), fake(up)
+    if up is None or tx.dtype != _FP32 or tu is None or tu.dtype != _FP32:
+        return False
+    site.nodes = [n for n in site.nodes if n is not up]
+    site.z = up
+    site.spelling.append(f"{str(fake(up.args[0]).dtype).replace('torch.', '')} gate upcast")
+    return True
+
+
+def _is_width(site: _Site, size: object) -> bool:
+    """``size`` is provably x's last size, directly or through the weight's width.
+
+    Under ``dynamic=True`` a static weight multiplied last (``w * h.to(dt)`` after the grouped
+    norm) gives the output the weight's width; the shape environment proves that width equal to
+    the merged value's, and that to x's (:func:`_weight` checked both), but not the two ends
+    against each other."""
+    return any(same_size(w, size) for w in (fake(site.x).shape[-1], *site.widths))
 
 
 def _left_to_inductor(site: _Site) -> Optional[str]:

@@ -90,8 +90,9 @@ class Captured:
         return aot_autograd(fw_compiler=fw, bw_compiler=bw)(gm, example_inputs)
 
 
-def capture_training_graphs(module, x: torch.Tensor) -> Captured:
-    """Compile ``module`` through :class:`Captured`, run one forward and backward of ``x``."""
+def capture_training_graphs(module, *inputs: torch.Tensor) -> Captured:
+    """Compile ``module`` through :class:`Captured`, run one forward and backward of ``inputs``
+    (each made to require grad)."""
     cap = Captured()
-    torch.compile(module, backend=cap, fullgraph=True)(x.requires_grad_()).sum().backward()
+    torch.compile(module, backend=cap, fullgraph=True)(*(t.requires_grad_() for t in inputs)).sum().backward()
     return cap
