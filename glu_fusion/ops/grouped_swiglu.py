@@ -81,8 +81,12 @@ def _grouped_mm_layout(t: Tensor) -> bool:
     return strides[-2] == 1 and (strides[-1] * size) % 16 == 0
 
 
-def _torch_grouped_mm_serves(*operands: Tensor) -> bool:
+def _torch_grouped_mm_serves(*operands: Tensor, widths: tuple = ()) -> bool:
+    """Whether ``torch._grouped_mm`` takes these bf16 operands on this device; ``widths``: the
+    GEMM's non-grouped sizes, which its kernels need in multiples of 16 bytes."""
     first = operands[0]
+    if any(w % 8 for w in widths):
+        return False
     if first.device.type not in TORCH_GROUPED_MM_DEVICES or not hasattr(torch, "_grouped_mm"):
         return False
     if first.is_cuda and torch.cuda.get_device_capability(first.device) < (9, 0):
@@ -93,11 +97,11 @@ def _torch_grouped_mm_serves(*operands: Tensor) -> bool:
 def _torch_grouped_mm_dx(dh: Tensor, offsets: Tensor, w_gate: Tensor, w_up: Tensor) -> Optional[Tensor]:
     """``dX = dGₑ·Wgₑ + dUₑ·Wuₑ`` on ``torch._grouped_mm`` (one GEMM over a packed weight's
     halves), zeros for the padded tail (which it leaves unwritten); None where it cannot serve."""
-    n, offs = w_gate.shape[1], offsets.to(torch.int32)
+    n, k, offs = w_gate.shape[1], w_gate.shape[2], offsets.to(torch.int32)
     packed = stacked_halves(w_gate, w_up)
-    if packed is not None and _torch_grouped_mm_serves(dh, packed):
+    if packed is not None and _torch_grouped_mm_serves(dh, packed, widths=(2 * n, k)):
         dx = torch._grouped_mm(dh, packed, offs=offs)
-    elif _torch_grouped_mm_serves(dh[:, :n], dh[:, n:], w_gate, w_up):
+    elif _torch_grouped_mm_serves(dh[:, :n], dh[:, n:], w_gate, w_up, widths=(n, k)):
         dx = torch._grouped_mm(dh[:, :n], w_gate, offs=offs) + torch._grouped_mm(dh[:, n:], w_up, offs=offs)
     else:
         return None
@@ -107,7 +111,7 @@ def _torch_grouped_mm_dx(dh: Tensor, offsets: Tensor, w_gate: Tensor, w_up: Tens
 def _torch_grouped_mm_dw(dh: Tensor, x: Tensor, offsets: Tensor) -> Optional[Tensor]:
     """``dWₑ = dHₑᵀ·xₑ`` [E, 2N, K] on ``torch._grouped_mm``, zeros for experts without rows;
     None where it cannot serve."""
-    if not _torch_grouped_mm_serves(dh.t(), x):
+    if not _torch_grouped_mm_serves(dh.t(), x, widths=(dh.shape[1], x.shape[1])):
         return None
     offs = offsets.to(torch.int32)
     counts = torch.diff(offs, prepend=offs.new_zeros(1))
@@ -137,12 +141,13 @@ def _torch_grouped_mm_forward(x: Tensor, offsets: Tensor, w_gate: Tensor, w_up: 
     the portable fused kernel; zeros for the padded tail.  None where it cannot serve."""
     t, n, offs = x.shape[0], w_gate.shape[1], offsets.to(torch.int32)
     stacked, interleaved = stacked_halves(w_gate, w_up), _interleaved_source(w_gate, w_up)
-    if stacked is not None and _torch_grouped_mm_serves(x, stacked.transpose(1, 2)):
+    packed_widths, widths = (x.shape[1], 2 * n), (x.shape[1], n)
+    if stacked is not None and _torch_grouped_mm_serves(x, stacked.transpose(1, 2), widths=packed_widths):
         preact = torch._grouped_mm(x, stacked.transpose(1, 2), offs=offs)
-    elif interleaved is not None and _torch_grouped_mm_serves(x, interleaved.transpose(1, 2)):
+    elif interleaved is not None and _torch_grouped_mm_serves(x, interleaved.transpose(1, 2), widths=packed_widths):
         gu = torch._grouped_mm(x, interleaved.transpose(1, 2), offs=offs)
         preact = torch.cat([gu[:, 0::2], gu[:, 1::2]], dim=1)
-    elif _torch_grouped_mm_serves(x, w_gate.transpose(1, 2), w_up.transpose(1, 2)):
+    elif _torch_grouped_mm_serves(x, w_gate.transpose(1, 2), w_up.transpose(1, 2), widths=widths):
         preact = torch.cat([torch._grouped_mm(x, w.transpose(1, 2), offs=offs) for w in (w_gate, w_up)], dim=1)
     else:
         return None
