@@ -484,7 +484,8 @@ def _left_to_inductor(site: _Site) -> Optional[str]:
     """Why the routing table sends this site to Inductor, or None.  A graph whose output
     requires grad (or whose traced value is unknown) counts as a training graph."""
     tx, traced = fake(site.x), fake(site.out)
-    return gated_norm_rewrite_pays(tx.device.type, traced is None or traced.requires_grad)
+    upcast = site.z_upcast is not None and site.z is site.z_upcast
+    return gated_norm_rewrite_pays(tx.device.type, traced is None or traced.requires_grad, gate_upcast=upcast)
 
 
 def _check(match: Match, kind: str) -> bool:

@@ -70,10 +70,16 @@ GATED_NORM_TABLE: dict[str, tuple[bool, str]] = {
 }
 
 
-def gated_norm_rewrite_pays(device_type: str, training: bool) -> Optional[str]:
-    """None when rewriting a gated RMSNorm site pays; otherwise why it is left to Inductor."""
+def gated_norm_rewrite_pays(device_type: str, training: bool, gate_upcast: bool = False) -> Optional[str]:
+    """None when rewriting a gated RMSNorm site pays; otherwise why it is left to Inductor.
+
+    ``gate_upcast``: the op would read the gate's fp32 upcast (an fp32 x with a bf16 gate, HF's
+    Mamba-2 mixer), a pass of its own before the op where Inductor folds the cast into its
+    kernel: more bytes than the table's sites, never measured, so left to Inductor on CUDA."""
     if not ROUTE_BY_MEASUREMENT or device_type != "cuda":
         return None
+    if gate_upcast:
+        return "CUDA: the op would read an fp32 copy of the gate (a pass Inductor folds into its kernel); not measured"
     kind = "training" if training else "inference"
     rewritten, measured = GATED_NORM_TABLE[kind]
     return None if rewritten else f"CUDA {kind} graph: {measured}"

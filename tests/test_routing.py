@@ -73,6 +73,11 @@ def test_gated_norm_cuda_training_is_left_and_inference_rewritten(routed):
     assert routing.gated_norm_rewrite_pays("cpu", training=True) is None
 
 
+def test_gated_norm_reading_an_upcast_gate_stays_with_inductor_on_cuda(routed):
+    assert "fp32 copy of the gate" in routing.gated_norm_rewrite_pays("cuda", training=False, gate_upcast=True)
+    assert routing.gated_norm_rewrite_pays("cpu", training=False, gate_upcast=True) is None
+
+
 def test_gated_norm_switch_off_rewrites_every_site(monkeypatch):
     monkeypatch.setattr(routing, "ROUTE_BY_MEASUREMENT", False)
     assert routing.gated_norm_rewrite_pays("cuda", training=True) is None
@@ -99,7 +104,8 @@ def as_if_cuda(routed, monkeypatch):
     """The real table, asked as if the graph's tensors lived on CUDA (this machine has none)."""
     from glu_fusion.patterns import rms_norm_gated as gated_patterns
     real = routing.gated_norm_rewrite_pays
-    monkeypatch.setattr(gated_patterns, "gated_norm_rewrite_pays", lambda device_type, training: real("cuda", training))
+    monkeypatch.setattr(gated_patterns, "gated_norm_rewrite_pays",
+                        lambda device_type, training, **kw: real("cuda", training, **kw))
 
 
 def _gated_graph(dynamo_graph, training):
@@ -129,6 +135,35 @@ def test_default_rewrites_a_cuda_inference_gated_norm(as_if_cuda, cpu_rewrites, 
     gm.graph.lint()
     assert [n for n in gm.graph.nodes if n.op == "call_function" and n.target is GATED_OP]
     assert cpu_rewrites.counts() == {"rms_norm_gated": 1} and cpu_rewrites.left == []
+
+
+class UpcastGateNorm(nn.Module):
+    """HF's MambaRMSNormGated as the Mamba-2 mixer calls it in a bf16 model: an fp32 x (the scan's
+    output), a bf16 gate upcast by the norm, a bf16 weight."""
+
+    def __init__(self, d=32, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter((1 + 0.1 * torch.randn(d)).bfloat16())
+        self.eps = eps
+
+    def forward(self, x, z):
+        dtype = x.dtype
+        h = x.to(torch.float32) * F.silu(z.to(torch.float32))
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+
+def test_cuda_gated_norm_reading_an_upcast_gate_is_left_to_inductor(as_if_cuda, cpu_rewrites, dynamo_graph):
+    """The op would read an fp32 copy of the gate, a pass Inductor folds into its kernel: not a
+    measured win, so even an inference graph stays with Inductor on CUDA (rewritten on the CPU
+    when asked: tests/test_rms_norm_gated_spellings.py)."""
+    x, z = torch.randn(2, 3, 32), torch.randn(2, 3, 32).bfloat16()
+    with torch.no_grad():
+        gm = dynamo_graph(UpcastGateNorm(), x, z)
+    GluPass()(gm.graph)
+    assert not [n for n in gm.graph.nodes if n.op == "call_function" and n.target is GATED_OP]
+    [left] = cpu_rewrites.left
+    assert "fp32 copy of the gate" in left.reason
 
 
 def test_training_gated_norm_left_to_inductor_still_computes_the_same(as_if_cuda, cpu_rewrites):
