@@ -171,9 +171,8 @@ def _resolve(match: Match, form: str) -> Optional[_Site]:
     else:
         return None
     row_weights, scale_node = found
-    width = tg.shape[1]
     nodes, in_place, dead, bias = [anchor, viewed, gathered, *inverse_nodes, weighted, proj], [*writes], [], None
-    bias_add = experts._expert_bias_add(proj, gm.offs, width)
+    bias_add = experts._expert_bias_add(proj, gm)
     if bias_add is not None:
         add, bias, bias_gather = bias_add
         nodes.append(add)
@@ -188,13 +187,13 @@ def _resolve(match: Match, form: str) -> Optional[_Site]:
     if tp is None or tw is None or tx is None or not (tp.dtype == tw.dtype == tx.dtype) \
             or not same_size(tx.shape[0], rows):
         return None
-    kind = common_tensor_kind([("h", gm.x), ("w", gm.b), ("bias", bias), ("weights", row_weights)])
+    kind = common_tensor_kind([("h", gm.x), ("w", gm.w), ("bias", bias), ("weights", row_weights)])
     if kind is None or kind.device.type not in experts.REWRITE_DEVICE_TYPES:
         return None
     ordered = ordered_pure_span(nodes, anchor, allowed=in_place)
     if ordered is None:
         return None
-    return _Site(gm.x, gm.offs, gm.b, bias, row_weights, perm, topk, ordered, tuple(in_place), tuple(dead))
+    return _Site(gm.x, gm.offs, gm.w, bias, row_weights, perm, topk, ordered, tuple(in_place), tuple(dead))
 
 
 def _check(match: Match, form: str) -> bool:

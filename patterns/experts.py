@@ -25,6 +25,18 @@ users, a row fill other than zero.  gpt-oss through transformers adds its per-ro
 itself.  A per-expert Python loop traces
 to data-dependent shapes (one graph per routing, or a graph break on ``.tolist()``) and is not matched; the report lists such sites under this family
 (``swiglu.PER_EXPERT_LOOP``).
+
+transformers' ``batched_mm`` experts keep the rows in routing order (each token repeated top-k
+times) and gather every row's expert weight: ``bmm(W[ids], x.unsqueeze(-1)).squeeze(-1)`` with
+``W = gate_up_proj [E, 2I, H]``, or gpt-oss's ``bmm(x.unsqueeze(1), W[ids]).squeeze(1)`` with
+``W [E, H, 2I]`` and ``out.add_(bias[ids])`` (``torch.matmul`` of the same 3-D operands too).
+Row ``r`` is ``x[r]`` times expert ``ids[r]``'s weight whatever the ids, so the op computes the
+same rows once they are sorted by expert: the rewrite sorts the ids, gathers the rows in that
+order, counts each expert's rows for the offsets, and puts the op's rows back in routing order
+(``argsort`` of the sort's permutation).  The gathered ``[T, 2I, H]`` weights are no longer
+built; the down projection stays the model's ``bmm``.  Left alone: a ``bmm`` whose weights are
+not gathered along their expert dimension by a 1-D integer tensor, gate and up gathered by
+different ids, a bias gathered by other ids than the weight, ids on another device than ``x``.
 """
 from __future__ import annotations
 
@@ -40,8 +52,8 @@ from torch._inductor.pattern_matcher import CallFunction, CallMethod, KeywordArg
 from glu_fusion import config
 from glu_fusion.compile.report import REPORT, Rewrite
 
-from ._common import (Family, common_tensor_kind, copy_meta, declared_kwargs_only, fake, module_path,
-                      ordered_pure_span, same_shape, same_size, shape_str, site_resolves, source_line)
+from ._common import (Family, common_tensor_kind, constant_size, copy_meta, declared_kwargs_only, fake,
+                      module_path, ordered_pure_span, same_shape, same_size, shape_str, site_resolves, source_line)
 from .swiglu import _anchor_patterns, _halves_of_slices, _halves_of_split, _products
 
 aten = torch.ops.aten
@@ -59,6 +71,9 @@ _ADD = [operator.add, torch.add, aten.add.Tensor]
 _MUL = [operator.mul, torch.mul, aten.mul.Tensor]
 _SIGMOID = [torch.sigmoid, aten.sigmoid.default]
 _CLAMP = [torch.clamp, aten.clamp.default]
+_BMM = [torch.bmm, aten.bmm.default, torch.matmul, operator.matmul, aten.matmul.default]
+_UNSQUEEZE = [torch.unsqueeze, aten.unsqueeze.default]
+_SQUEEZE = [torch.squeeze, aten.squeeze.dim]
 
 
 def _gptoss_anchor_patterns() -> list[tuple[str, object]]:
@@ -75,11 +90,29 @@ def _gptoss_anchor_patterns() -> list[tuple[str, object]]:
 # --- reading the pieces ----------------------------------------------------------------------------
 
 @dataclasses.dataclass
-class _GroupedMM:
-    node: fx.Node
-    x: fx.Node
-    b: fx.Node      # [E, K, N]
-    offs: fx.Node
+class _ExpertGEMM:
+    """Rows times their experts' weights: a grouped GEMM over ``offs`` (rows sorted by expert) or
+    a batched GEMM over gathered weights ``W[ids]`` (rows in routing order, ``ids`` each row's
+    expert)."""
+
+    node: fx.Node                     # the [T, N] output
+    x: fx.Node                        # [T, K]
+    w: fx.Node                        # [E, K, N], or [E, N, K] where ``w_nk``
+    offs: Optional[fx.Node] = None
+    ids: Optional[fx.Node] = None
+    w_nk: bool = False                # ``w`` is already in the op's [E, N, K] layout
+    nodes: tuple[fx.Node, ...] = ()   # the spelling's nodes before ``node`` (gather, unsqueeze, bmm)
+
+    @property
+    def width(self):
+        """N, the output's last size."""
+        return fake(self.w).shape[1 if self.w_nk else 2]
+
+    @property
+    def name(self) -> str:
+        if self.ids is not None:
+            return "batched_mm"
+        return "grouped_mm" if self.node.target in _GROUPED_MM else "transformers fallback"
 
 
 #: transformers' ``grouped_mm_fallback(input, weight, offs)`` (``integrations/moe.py``): the
@@ -97,7 +130,7 @@ def _is_grouped_mm_target(target) -> bool:
     return isinstance(target, torch._ops.OpOverloadPacket) and target._qualified_op_name in _FALLBACK_OPS
 
 
-def _grouped_mm(node: object) -> Optional[_GroupedMM]:
+def _grouped_mm(node: object) -> Optional[_ExpertGEMM]:
     """``mm(x, b, offs=offs)`` with no bias, scale or output dtype, x 2-D and b 3-D."""
     if not isinstance(node, fx.Node) or node.op != "call_function" or not _is_grouped_mm_target(node.target):
         return None
@@ -116,7 +149,71 @@ def _grouped_mm(node: object) -> Optional[_GroupedMM]:
     if to.dtype not in (torch.int32, torch.int64) or not same_size(tx.shape[1], tb.shape[1]) \
             or not same_size(to.shape[0], tb.shape[0]):
         return None
-    return _GroupedMM(node, x, b, offs)
+    return _ExpertGEMM(node, x, b, offs=offs)
+
+
+def _dim_arg(node: fx.Node, functions, method: str) -> Optional[tuple[fx.Node, object]]:
+    """(input, dim) of ``t.<method>(dim)`` / ``torch.<method>(t, dim)``, dim positional or ``dim=``."""
+    if not _call(node, functions, method):
+        return None
+    args = list(node.args)
+    if set(node.kwargs) - {"dim"} or len(args) + len(node.kwargs) != 2:
+        return None
+    if "dim" in node.kwargs:
+        args.append(node.kwargs["dim"])
+    source, dim = args
+    return (source, dim) if isinstance(source, fx.Node) and isinstance(dim, int) else None
+
+
+def _expert_gather(node: object) -> Optional[tuple[fx.Node, fx.Node]]:
+    """(W, ids) of ``W[ids]``: a 3-D W indexed along its expert dimension by a 1-D integer tensor
+    (a bool tensor would be a mask, not one expert per row)."""
+    if not (isinstance(node, fx.Node) and node.op == "call_function" and node.target is operator.getitem):
+        return None
+    w, ids = node.args
+    if not isinstance(w, fx.Node) or not isinstance(ids, fx.Node):
+        return None
+    tw, ti = fake(w), fake(ids)
+    if tw is None or ti is None or tw.dim() != 3 or ti.dim() != 1 or ti.dtype not in (torch.int32, torch.int64):
+        return None
+    return w, ids
+
+
+#: The two batched spellings: (whether the gathered weight is the bmm's first operand, the dim of
+#: the 3-D product, either index of it, where ``x`` is unsqueezed and the output squeezed).
+_BMM_FORMS = ((True, (2, -1)), (False, (1, -2)))
+
+
+def _gathered_bmm(node: object) -> Optional[_ExpertGEMM]:
+    """``bmm(W[ids], x.unsqueeze(-1)).squeeze(-1)`` (W ``[E, N, K]``, transformers' ``batched_mm``)
+    or ``bmm(x.unsqueeze(1), W[ids]).squeeze(1)`` (W ``[E, K, N]``, its ``is_transposed``): row
+    ``r`` is ``x[r]`` times expert ``ids[r]``'s weight.  The squeeze names its dim: a bare
+    ``squeeze()`` would also drop a batch of one row."""
+    if not isinstance(node, fx.Node):
+        return None
+    squeezed = _dim_arg(node, _SQUEEZE, "squeeze")
+    for weight_first, dims in _BMM_FORMS:
+        if squeezed is None or squeezed[1] not in dims:
+            continue
+        bmm = squeezed[0]
+        if not _call(bmm, _BMM, "bmm") or bmm.kwargs or len(bmm.args) != 2 or set(bmm.users) != {node}:
+            continue
+        gathered, column = bmm.args if weight_first else bmm.args[::-1]
+        found, unsqueezed = _expert_gather(gathered), _dim_arg(column, _UNSQUEEZE, "unsqueeze")
+        if found is None or unsqueezed is None or unsqueezed[1] not in dims:
+            continue
+        (w, ids), x = found, unsqueezed[0]
+        tw, tx, ti = fake(w), fake(x), fake(ids)
+        if tx is None or tx.dim() != 2 or not same_size(ti.shape[0], tx.shape[0]) or ti.device != tx.device \
+                or not same_size(tw.shape[2 if weight_first else 1], tx.shape[1]) \
+                or constant_size(tw.shape[0]) is None:
+            continue
+        return _ExpertGEMM(node, x, w, ids=ids, w_nk=weight_first, nodes=(gathered, column, bmm))
+    return None
+
+
+def _expert_gemm(node: object) -> Optional[_ExpertGEMM]:
+    return _grouped_mm(node) or _gathered_bmm(node)
 
 
 def _is_last_dim_size(node: fx.Node, width) -> bool:
@@ -128,8 +225,8 @@ def _is_last_dim_size(node: fx.Node, width) -> bool:
 class _Site:
     spelling: str
     x: fx.Node
-    offs: fx.Node
-    weights: tuple[fx.Node, ...]      # each [E, K, N'] (the grouped GEMM's operand)
+    offs: Optional[fx.Node]           # None where the rows are in routing order (``ids``)
+    weights: tuple[fx.Node, ...]      # each [E, K, N'] (the grouped GEMM's operand), or [E, N', K]
     layout: Optional[int]             # packed layout; None for two weights
     nodes: list[fx.Node]
     row_mask: Optional[fx.Node] = None   # [T, 1] bool: rows zeroed after the GEMM (and after the op)
@@ -137,6 +234,8 @@ class _Site:
     bias: Optional[fx.Node] = None        # [E, N'] per-expert bias of the packed GEMM
     in_place: tuple[fx.Node, ...] = ()    # the site's own in-place nodes (the bias add)
     dead: tuple[fx.Node, ...] = ()        # nodes only the site read, outside its span (the gather)
+    ids: Optional[fx.Node] = None         # [T] each row's expert, rows in routing order (batched_mm)
+    weights_nk: bool = False              # the weights are already [E, N', K]
 
 
 _CASTS = {"bfloat16": torch.bfloat16, "half": torch.float16, "float": torch.float32, "double": torch.float64}
@@ -224,9 +323,18 @@ def _is_in_place_add(node: fx.Node) -> bool:
     return node.op == "call_method" and node.target == "add_"
 
 
-def _expert_bias_add(source: fx.Node, offs: fx.Node, width) -> Optional[tuple[fx.Node, fx.Node, fx.Node]]:
+def _rows_experts(ids: fx.Node, gemm: _ExpertGEMM, experts) -> bool:
+    """Whether ``ids[r]`` is row ``r``'s expert in ``gemm`` (of ``experts`` experts): the very ids
+    that gathered its weights, or sorted ids whose histogram the offsets sum."""
+    if gemm.ids is not None:
+        return ids is gemm.ids and same_size(fake(gemm.w).shape[0], experts)
+    return _sorted_expert_ids(ids, gemm.offs, experts)
+
+
+def _expert_bias_add(source: fx.Node, gemm: _ExpertGEMM) -> Optional[tuple[fx.Node, fx.Node, fx.Node]]:
     """(add node, bias, gather) of ``source.add_(bias[ids])``: transformers' gpt-oss adds each
-    row's expert bias gathered by the sorted expert ids in place to the grouped GEMM's output."""
+    row's expert bias, gathered by the ids of the rows' experts, in place to the GEMM's output."""
+    width = gemm.width
     adds = [u for u in source.users if _is_in_place_add(u)]
     if len(adds) != 1:
         return None
@@ -242,41 +350,42 @@ def _expert_bias_add(source: fx.Node, offs: fx.Node, width) -> Optional[tuple[fx
     tb = fake(bias)
     if tb is None or tb.dim() != 2 or not isinstance(tb.shape[0], int) or not same_size(tb.shape[1], width):
         return None
-    if not _sorted_expert_ids(ids, offs, tb.shape[0]):
+    if not _rows_experts(ids, gemm, tb.shape[0]):
         return None
     return add, bias, gathered
 
 
 def _projections(gate: fx.Node, up: fx.Node) -> Optional[_Site]:
-    """Two grouped GEMMs of one input and one routing, or the halves of one packed GEMM (whose
+    """Two expert GEMMs of one input and one routing, or the halves of one packed GEMM (whose
     rows a ``masked_fill(mask, 0)`` may zero in between: the gate maps a zero row to zeros)."""
-    mg, mu = _grouped_mm(gate), _grouped_mm(up)
+    mg, mu = _expert_gemm(gate), _expert_gemm(up)
     if mg is not None and mu is not None:
-        if not _same_input(mg.x, mu.x) or mg.offs is not mu.offs:
+        if not _same_input(mg.x, mu.x) or mg.offs is not mu.offs or mg.ids is not mu.ids or mg.w_nk != mu.w_nk:
             return None
-        if not same_shape(fake(mg.b).shape, fake(mu.b).shape):
+        if not same_shape(fake(mg.w).shape, fake(mu.w).shape):
             return None
         spare = (mu.x,) if mu.x is not mg.x and set(mu.x.users) == {up} else ()
-        return _Site("grouped_mm x2", mg.x, mg.offs, (mg.b, mu.b), None, [gate, up], spare_casts=spare)
+        return _Site(f"{mg.name} x2", mg.x, mg.offs, (mg.w, mu.w), None, [*mg.nodes, *mu.nodes, gate, up],
+                     spare_casts=spare, ids=mg.ids, weights_nk=mg.w_nk)
     found = _halves_of_split(gate, up) or _halves_of_slices(gate, up, also_read_by=_is_in_place_add)
     if found is None:
         return None
     kind, layout, nodes, y = found
     mask = None
     slices = 2 if kind.startswith("interleaved") else 1
-    gemm, m = y, _grouped_mm(y)
+    gemm, m = y, _expert_gemm(y)
     if m is None:
         masked = _zero_row_mask(y)
         if masked is None:
             return None
         gemm, mask = masked
-        m = _grouped_mm(gemm)
+        m = _expert_gemm(gemm)
         if m is None or len(y.users) != slices:
             return None
     # gpt-oss through transformers adds each row's expert bias to the GEMM's output in place
     bias_add = None
     if any(_is_in_place_add(u) for u in gemm.users):
-        bias_add = _expert_bias_add(gemm, m.offs, fake(m.b).shape[2])
+        bias_add = _expert_bias_add(gemm, m)
         if bias_add is None:
             return None
         kind = f"{kind}, per-row expert bias"
@@ -288,16 +397,18 @@ def _projections(gate: fx.Node, up: fx.Node) -> Optional[_Site]:
     if mask is not None:   # the slices' nodes hold the masked output; the GEMM comes first
         nodes = [gemm, *nodes]
         kind = f"{kind}, zeroed rows"
-    tb, tg = fake(m.b), fake(gate)
-    if tg is None or not isinstance(tb.shape[2], int) or tb.shape[2] % 2 \
-            or not same_size(tg.shape[-1] * 2, tb.shape[2]):
+    width, tg = m.width, fake(gate)
+    if tg is None or not isinstance(width, int) or width % 2 or not same_size(tg.shape[-1] * 2, width):
         return None
-    name = "transformers fallback" if m.node.target not in _GROUPED_MM else "grouped_mm"
-    site = _Site(f"{name} packed {kind}", m.x, m.offs, (m.b,), layout, nodes, row_mask=mask)
+    site = _Site(f"{m.name} packed {kind}", m.x, m.offs, (m.w,), layout, [*m.nodes, *nodes], row_mask=mask,
+                 ids=m.ids, weights_nk=m.w_nk)
     if bias_add is not None:
         add, site.bias, gathered = bias_add
         site.in_place = (add,)
-        site.dead = (gathered,)
+        if m.ids is None:
+            site.dead = (gathered,)
+        else:   # the op reads the ids at its own place: no write to them after the gather
+            site.nodes.append(gathered)
     return site
 
 
@@ -470,6 +581,30 @@ def _transposed(graph: fx.Graph, b: fx.Node) -> fx.Node:
     return node
 
 
+def _rows_by_expert(graph: fx.Graph, site: _Site) -> tuple[fx.Node, fx.Node, fx.Node]:
+    """(rows sorted by expert, offsets, the sort's permutation) for rows in routing order.
+
+    The ids are taken modulo E first: ``W[ids]`` reads ``W[id + E]`` for a negative id, as
+    indexing does.  The offsets count the sorted ids below each expert's end (``searchsorted``
+    against ``1..E``): cumulative counts of a fixed size E, with no histogram of floats."""
+    experts = constant_size(fake(site.weights[0]).shape[0])
+    ti = fake(site.ids)
+    ids = graph.call_method("remainder", (site.ids, experts))
+    order = graph.call_function(torch.sort, (ids,))
+    sorted_ids = graph.call_function(operator.getitem, (order, 0))
+    perm = graph.call_function(operator.getitem, (order, 1))
+    ends = graph.call_function(torch.arange, (1, experts + 1), {"dtype": ti.dtype, "device": ti.device})
+    offs = graph.call_function(torch.searchsorted, (sorted_ids, ends), {"out_int32": True})
+    rows = graph.call_function(operator.getitem, (site.x, perm))
+    return rows, offs, perm
+
+
+def _routing_order(graph: fx.Graph, out: fx.Node, perm: fx.Node) -> fx.Node:
+    """The op's rows (sorted by expert) back in routing order: row ``perm[j]`` is sorted row ``j``."""
+    inverse = graph.call_function(torch.argsort, (perm,))
+    return graph.call_function(operator.getitem, (out, inverse))
+
+
 def _rewrite(match: Match, form: str) -> None:
     found = _resolve(match, form)
     if found is None:
@@ -480,14 +615,20 @@ def _rewrite(match: Match, form: str) -> None:
     traced = fake(anchor)
     save_preact = not config.recompute and (traced is None or traced.requires_grad)
     with graph.inserting_before(anchor):
-        weights = [_transposed(graph, w) for w in site.weights]
+        x, offs, perm = site.x, site.offs, None
+        if site.ids is not None:
+            x, offs, perm = _rows_by_expert(graph, site)
+        weights = list(site.weights) if site.weights_nk else [_transposed(graph, w) for w in site.weights]
         if site.layout is None:
-            args = (site.x, site.offs, *weights, None, None, activation, alpha, limit, save_preact)
+            args = (x, offs, *weights, None, None, activation, alpha, limit, save_preact)
             op = graph.call_function(torch.ops.glu_fusion.grouped_swiglu.default, args)
         else:
-            args = (site.x, site.offs, weights[0], site.bias, site.layout, activation, alpha, limit, save_preact)
+            args = (x, offs, weights[0], site.bias, site.layout, activation, alpha, limit, save_preact)
             op = graph.call_function(torch.ops.glu_fusion.grouped_swiglu_packed.default, args)
         out = graph.call_function(operator.getitem, (op, 0))
+        if perm is not None:
+            copy_meta(anchor, out, with_value=False)
+            out = _routing_order(graph, out, perm)
         if site.row_mask is not None:   # zero the same rows, as the model did before its gate
             masked = graph.call_method("masked_fill", (out, site.row_mask, 0.0))
     copy_meta(anchor, op, with_value=False)

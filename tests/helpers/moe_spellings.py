@@ -14,6 +14,11 @@ build without the libraries installed.
   ``_can_use_grouped_mm`` says yes; under ``torch.compile`` that is bf16 weights only, other
   dtypes go through ``transformers::grouped_mm_fallback``).  ``act`` swaps the activation for
   look-alikes.
+* :class:`HFBatchedMMExperts`: transformers 5.18.0, the same file, ``batched_mm_experts_forward``
+  with its helper ``_batched_linear`` (every token repeated top-k times, each row's expert weight
+  gathered by ``gate_up_proj[expert_ids]``, ``torch.bmm``; gpt-oss's transposed weights with the
+  per-row bias added in place), for the same experts; ``expert_parallel`` takes its sentinel
+  branch (ids clamped out of place, their routing weights zeroed).
 * :func:`titan_run_experts_grouped_mm` / :func:`titan_run_experts_for_loop`: torchtitan 0.2.2,
   ``torchtitan/models/moe/moe.py``, ``_run_experts_grouped_mm`` and ``_run_experts_for_loop``
   (what ``GroupedExperts.forward`` calls with ``use_grouped_mm`` on and off), copied from the
@@ -166,6 +171,50 @@ class HFGroupedMMExperts(nn.Module):
         inv_perm = torch.empty_like(perm)
         inv_perm[perm] = torch.arange(perm.size(0), device=device)
         weighted_out = weighted_out[inv_perm]
+        final_hidden_states = weighted_out.view(num_tokens, num_top_k, hidden_dim).sum(dim=1)
+        return final_hidden_states.to(hidden_states.dtype)
+
+
+def _hf_batched_linear(input, weight, bias=None, is_transposed=False):
+    if is_transposed:
+        out = torch.bmm(input.unsqueeze(1), weight).squeeze(1)
+    else:
+        out = torch.bmm(weight, input.unsqueeze(-1)).squeeze(-1)
+    if bias is not None:
+        out.add_(bias)
+    return out
+
+
+class HFBatchedMMExperts(HFGroupedMMExperts):
+    """The same experts; ``forward`` is ``batched_mm_experts_forward``."""
+
+    def __init__(self, *args, expert_parallel: bool = False, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._is_expert_parallel = expert_parallel
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        num_top_k = top_k_index.size(-1)
+        num_tokens = hidden_states.size(0)
+        hidden_dim = hidden_states.size(-1)
+        selected_hidden_states = hidden_states.repeat_interleave(num_top_k, dim=0)
+        sample_weights = top_k_weights.reshape(-1)
+        expert_ids = top_k_index.reshape(-1)
+        sentinel_mask = None
+        if self._is_expert_parallel:
+            sentinel_mask = expert_ids >= self.num_experts
+            expert_ids = expert_ids.clamp(0, self.num_experts - 1)
+        selected_weights = self.gate_up_proj[expert_ids]
+        selected_biases = self.gate_up_proj_bias[expert_ids] if self.has_bias else None
+        proj_out = _hf_batched_linear(selected_hidden_states, selected_weights, bias=selected_biases,
+                                      is_transposed=self.is_transposed)
+        proj_out = self._apply_gate(proj_out)
+        selected_weights = self.down_proj[expert_ids]
+        selected_biases = self.down_proj_bias[expert_ids] if self.has_bias else None
+        proj_out = _hf_batched_linear(proj_out, selected_weights, bias=selected_biases,
+                                      is_transposed=self.is_transposed)
+        if sentinel_mask is not None:
+            sample_weights = sample_weights.masked_fill(sentinel_mask, 0.0)
+        weighted_out = proj_out * sample_weights.unsqueeze(-1)
         final_hidden_states = weighted_out.view(num_tokens, num_top_k, hidden_dim).sum(dim=1)
         return final_hidden_states.to(hidden_states.dtype)
 
