@@ -75,12 +75,12 @@ def _only_users(node: fx.Node, users: set) -> bool:
 
 def _is_permutation(node: object) -> bool:
     """The indices of ``torch.sort`` / ``argsort`` of a 1-D tensor: a permutation of its rows."""
-    if not isinstance(node, fx.Node) or node.op != "call_function":
-        return experts._call(node, (torch.argsort,), "argsort") and _one_dim(node.args[0])
-    if node.target is operator.getitem and node.args[1] == 1:
+    if not isinstance(node, fx.Node):
+        return False
+    if node.op == "call_function" and node.target is operator.getitem and node.args[1] == 1:
         sort = node.args[0]
         return experts._call(sort, (torch.sort, aten.sort.default), "sort") and _one_dim(sort.args[0])
-    return node.target in (torch.argsort, aten.argsort.default) and _one_dim(node.args[0])
+    return experts._call(node, (torch.argsort, aten.argsort.default), "argsort") and _one_dim(node.args[0])
 
 
 def _one_dim(node: object) -> bool:

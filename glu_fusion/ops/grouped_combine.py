@@ -32,7 +32,7 @@ from ..layouts import CONCAT_GATE_FIRST
 from .autocast import register_autocast_passthrough
 from .dispatch import check_same, register_cuda_fast_path
 from .graph_twins import register_graph_twins
-from .grouped_swiglu import check_offset_values, routed_rows
+from .grouped_swiglu import check_offset_values, expert_of_rows, routed_rows
 
 #: Whether the Hopper engine's grouped GEMM runs the forward where it serves the operands
 #: (``kernels.engine.host.grouped_matmul`` with slots and routing weights).  Off until
@@ -74,11 +74,6 @@ def _check_slot_values(slots: Tensor) -> None:
         return
     if not torch.equal(torch.sort(slots.long()).values, torch.arange(slots.shape[0])):
         raise ValueError("glu_fusion: slots must be a permutation of range(S): each token slot gets one row")
-
-
-def expert_of_rows(offsets: Tensor, s: int) -> Tensor:
-    """[S] int64: each row's expert (E for the padded tail)."""
-    return torch.searchsorted(offsets, torch.arange(s, device=offsets.device, dtype=offsets.dtype), right=True)
 
 
 def _down(h: Tensor, offsets: Tensor, w_down: Tensor, b_down: Optional[Tensor]) -> Tensor:

@@ -70,6 +70,11 @@ def routed_rows(offsets: Tensor, t: int) -> Tensor:
     return torch.arange(t, device=offsets.device) < offsets[-1]
 
 
+def expert_of_rows(offsets: Tensor, t: int) -> Tensor:
+    """[T] int64: each row's expert (E for the padded tail)."""
+    return torch.searchsorted(offsets, torch.arange(t, device=offsets.device, dtype=offsets.dtype), right=True)
+
+
 def _grouped_mm_layout(t: Tensor) -> bool:
     """What ``torch._grouped_mm`` reads: a unit stride in one of the last two dimensions, the
     other strides multiples of 16 bytes, a 16-byte aligned start."""
@@ -152,8 +157,8 @@ def _torch_grouped_mm_forward(x: Tensor, offsets: Tensor, w_gate: Tensor, w_up: 
     else:
         return None
     if b_gate is not None:
-        expert = torch.searchsorted(offs, torch.arange(t, device=x.device, dtype=torch.int32), right=True)
-        preact += torch.cat([b_gate, b_up], dim=1)[expert.clamp(max=w_gate.shape[0] - 1)]
+        expert = expert_of_rows(offsets, t).clamp(max=w_gate.shape[0] - 1)
+        preact += torch.cat([b_gate, b_up], dim=1)[expert]
     preact.masked_fill_(~routed_rows(offsets, t).unsqueeze(1), 0)  # rows the GEMM left unwritten
     return grouped_reference.gate(preact[:, :n], preact[:, n:], activation, alpha, limit), preact
 

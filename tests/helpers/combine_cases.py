@@ -6,8 +6,7 @@ import torch
 
 import glu_fusion
 from glu_fusion import grouped_reference
-from glu_fusion.ops.grouped_combine import expert_of_rows
-from glu_fusion.ops.grouped_swiglu import routed_rows
+from glu_fusion.ops.grouped_swiglu import expert_of_rows, routed_rows
 
 
 def make_routing(tokens: int, experts: int, topk: int, tail_tokens: int = 0, seed: int = 0):
